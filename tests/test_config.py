@@ -1,0 +1,97 @@
+import json
+
+import pytest
+
+from hammer.config import ConfigError, ModelConfig
+from tests.conftest import REPO
+
+BASE = dict(vocab_size=1013, hidden_size=64, intermediate_size=172, num_layers=2,
+            num_heads=8, num_kv_heads=2)
+
+
+def test_hammerllm_preset_has_1_402_288_128_parameters_as_hf_counts_them():
+    config = ModelConfig.from_hf(REPO / "configs" / "hammerllm-1.4b.json")
+    assert config.param_count() == 1_402_288_128
+    assert (config.num_layers, config.hidden_size, config.intermediate_size) == (22, 2048, 5632)
+    assert (config.num_heads, config.num_kv_heads, config.vocab_size) == (32, 4, 105789)
+
+
+def test_preset_equals_hammerllm_released_config(hammerllm_dir):
+    assert (ModelConfig.from_hf(REPO / "configs" / "hammerllm-1.4b.json")
+            == ModelConfig.from_hf(hammerllm_dir / "tokenizer" / "config.json"))
+
+
+def test_param_count_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    for tied in (False, True):
+        config = ModelConfig(**BASE, tie_word_embeddings=tied)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf()))
+        assert config.param_count() == model.num_parameters()
+
+
+def test_to_hf_round_trips_and_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = ModelConfig(**BASE, rope_theta=500000.0, tie_word_embeddings=True)
+    config.save(tmp_path)
+    assert ModelConfig.from_hf(tmp_path) == config
+    hf = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert hf.num_key_value_heads == 2 and hf.tie_word_embeddings
+    assert hf.rope_parameters["rope_theta"] == 500000.0
+
+
+@pytest.mark.parametrize("rope_keys, theta", [
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}, 500000.0),  # transformers 5
+    ({"rope_theta": 250000.0, "rope_scaling": None}, 250000.0),  # transformers 4
+    ({}, 10000.0),  # HammerLLM's own config.json names neither
+])
+def test_rope_theta_is_read_from_every_config_generation(rope_keys, theta):
+    hf = {"vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+          "num_hidden_layers": 2, "num_attention_heads": 4, **rope_keys}
+    assert ModelConfig.from_hf(hf).rope_theta == theta
+
+
+def test_head_dim_defaults_to_hidden_over_heads_and_kv_heads_to_heads():
+    config = ModelConfig.from_hf({"vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+                                  "num_hidden_layers": 2, "num_attention_heads": 4})
+    assert (config.head_dim, config.num_kv_heads) == (16, 4)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_size": 65}, "hidden_size 65 is not divisible by num_heads 8"),
+    ({"num_kv_heads": 3}, "num_heads 8 is not divisible by num_kv_heads 3"),
+    ({"vocab_size": 0}, "vocab_size must be a positive integer, got 0"),
+    ({"eos_token_id": 5000}, "eos_token_id 5000 is outside the vocabulary"),
+])
+def test_invalid_values_are_refused_naming_field_and_value(change, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig(**{**BASE, **change})
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"architectures": ["MistralForCausalLM"]}, "architectures is \\['MistralForCausalLM'\\]"),
+    ({"model_type": "gpt2"}, "model_type is 'gpt2'"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling 'linear' is not supported"),
+    ({"attention_bias": True}, "attention_bias is True"),
+])
+def test_unsupported_hf_configs_are_refused(extra, message):
+    hf = {**ModelConfig(**BASE).to_hf(), **extra}
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf(hf)
+
+
+def test_missing_config_json_names_the_path(tmp_path):
+    with pytest.raises(ConfigError, match=f"no config.json at {tmp_path}"):
+        ModelConfig.from_hf(tmp_path)
+
+
+def test_config_module_imports_no_backend():
+    import subprocess
+    import sys
+    code = "import sys, hammer, hammer.cli, hammer.fsio; print(sorted(m for m in ('jax', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_tiny_preset_loads():
+    config = ModelConfig.from_hf(json.loads((REPO / "configs" / "tiny.json").read_text()))
+    assert config.num_heads % config.num_kv_heads == 0
