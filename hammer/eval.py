@@ -1,0 +1,240 @@
+"""Perplexity and bits per byte on named domain sets, in Skywork's setting (which HammerLLM followed).
+
+Each document is cut to its first `max_tokens // 3` characters, tokenized with the model's own
+tokenizer without special tokens and truncated at `max_tokens` ids. Its NLL is summed over positions
+2..n (the first token has no context and is never scored). A domain's loss is its total NLL over its
+scored tokens; ppl = exp(loss); the average over domains is exp(mean of the domain losses). Skywork
+compares models with different tokenizers by dividing the same total NLL by the number of tokens a
+reference tokenizer makes of the same texts (`loss_norm`). Bits per byte divides the NLL by the UTF-8
+bytes of the scored text instead, which needs no reference at all.
+
+Backends plug in through `Scorer`; this module never imports jax or torch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Protocol, Sequence
+
+import numpy as np
+
+DEFAULT_MAX_TOKENS = 4096
+DEFAULT_BATCH_SIZE = 8
+# Padded lengths come from this ladder (powers of two and 1.5x), so a jitted scorer compiles a
+# handful of shapes and no batch wastes more than a third of its positions on padding.
+_MIN_BUCKET = 16
+
+
+class Scorer(Protocol):
+    """A causal LM seen as a function from token ids to per-token NLL."""
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence the model takes (its context)."""
+
+    def token_nll(self, input_ids: np.ndarray) -> np.ndarray:
+        """int32 `[b, s]` right-padded ids -> float32 `[b, s-1]`, entry j = -log p(ids[j+1] | ids[:j+1]).
+
+        Attention is causal, so padding to the right of a document never reaches its positions and
+        scorers need no mask; the harness drops the padded entries.
+        """
+
+
+class EncodesText(Protocol):
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True,
+                     num_workers: int = 1) -> list[list[int]]: ...
+
+    def decode(self, ids) -> str: ...
+
+
+@dataclass(frozen=True)
+class DomainResult:
+    name: str
+    documents: int
+    scored_tokens: int  # sum over documents of (tokens - 1)
+    nll: float  # total, in nats
+    bytes: int  # UTF-8 bytes of the text that was tokenized
+    truncated_documents: int  # documents whose ids were cut at max_tokens (or the model's context)
+    reference_tokens: int | None = None
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.scored_tokens
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll / math.log(2) / self.bytes
+
+    @property
+    def loss_norm(self) -> float | None:
+        return None if self.reference_tokens is None else self.nll / self.reference_tokens
+
+    @property
+    def ppl_norm(self) -> float | None:
+        return None if self.loss_norm is None else math.exp(self.loss_norm)
+
+    def to_json(self) -> dict:
+        return {"documents": self.documents, "scored_tokens": self.scored_tokens, "nll": self.nll,
+                "bytes": self.bytes, "truncated_documents": self.truncated_documents,
+                "loss": self.loss, "ppl": self.ppl, "bits_per_byte": self.bits_per_byte,
+                "reference_tokens": self.reference_tokens, "loss_norm": self.loss_norm,
+                "ppl_norm": self.ppl_norm}
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    domains: tuple[DomainResult, ...]
+    max_tokens: int
+
+    @property
+    def average_loss(self) -> float:
+        return float(np.mean([d.loss for d in self.domains]))
+
+    @property
+    def average_ppl(self) -> float:
+        return math.exp(self.average_loss)
+
+    @property
+    def average_ppl_norm(self) -> float | None:
+        norms = [d.loss_norm for d in self.domains]
+        return None if None in norms else math.exp(float(np.mean(norms)))
+
+    def __getitem__(self, name: str) -> DomainResult:
+        for d in self.domains:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def to_json(self) -> dict:
+        return {"max_tokens": self.max_tokens,
+                "domains": {d.name: d.to_json() for d in self.domains},
+                "average": {"loss": self.average_loss, "ppl": self.average_ppl,
+                            "ppl_norm": self.average_ppl_norm}}
+
+    def table(self) -> str:
+        norm = self.average_ppl_norm is not None
+        head = f"{'domain':<16}{'docs':>7}{'tokens':>11}{'loss':>9}{'ppl':>11}{'bits/byte':>11}"
+        lines = [head + (f"{'ppl_norm':>11}" if norm else "")]
+        for d in self.domains:
+            line = (f"{d.name:<16}{d.documents:>7}{d.scored_tokens:>11}{d.loss:>9.4f}{d.ppl:>11.3f}"
+                    f"{d.bits_per_byte:>11.4f}")
+            lines.append(line + (f"{d.ppl_norm:>11.3f}" if norm else ""))
+        avg = f"{'average':<16}{'':>7}{'':>11}{self.average_loss:>9.4f}{self.average_ppl:>11.3f}{'':>11}"
+        lines.append(avg + (f"{self.average_ppl_norm:>11.3f}" if norm else ""))
+        return "\n".join(lines)
+
+
+def read_documents(path: str | os.PathLike) -> list[str]:
+    """Documents of a domain file: jsonl with a `text` field, or txt with one document per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval data {path} not found")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix != ".jsonl":
+        docs = [line for line in lines if line.strip()]
+    else:
+        docs = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number} is not JSON: {e}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{number} has no string field 'text'")
+            docs.append(record["text"])
+    if not docs:
+        raise ValueError(f"eval data {path} holds no documents")
+    return docs
+
+
+def truncate(text: str, max_tokens: int) -> str:
+    """Skywork's cut: the first max_tokens // 3 characters, so that ids rarely reach max_tokens."""
+    return text[: max_tokens // 3]
+
+
+def evaluate(scorer: Scorer, tokenizer: EncodesText, domains: Mapping[str, Sequence[str]], *,
+             max_tokens: int = DEFAULT_MAX_TOKENS, batch_size: int = DEFAULT_BATCH_SIZE,
+             reference_tokenizer: EncodesText | None = None, num_workers: int = 1) -> EvalResult:
+    """Scores every domain's documents with `scorer`; ids come from `tokenizer`, the model's own."""
+    if max_tokens < 6:
+        raise ValueError(f"max_tokens must be >= 6 (two characters to score), got {max_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not domains:
+        raise ValueError("no eval domains given")
+    limit = min(max_tokens, scorer.max_length)
+    results = []
+    for name, docs in domains.items():
+        texts = [truncate(t, max_tokens) for t in docs]
+        ids = tokenizer.encode_batch(texts, add_special_tokens=False, num_workers=num_workers)
+        n_bytes, cut = 0, 0
+        for i, (text, doc) in enumerate(zip(texts, ids)):
+            if len(doc) > limit:
+                ids[i] = doc = doc[:limit]
+                text = tokenizer.decode(doc)
+                cut += 1
+            n_bytes += len(text.encode("utf-8"))
+        scored = sum(max(len(doc) - 1, 0) for doc in ids)
+        if scored == 0:
+            raise ValueError(f"domain {name!r}: no document has two tokens to score")
+        nll = float(document_nll(scorer, ids, batch_size).sum())
+        reference = None
+        if reference_tokenizer is not None:
+            reference = sum(len(r) for r in reference_tokenizer.encode_batch(
+                texts, add_special_tokens=False, num_workers=num_workers))
+        results.append(DomainResult(name, len(docs), scored, nll, n_bytes, cut, reference))
+    return EvalResult(tuple(results), max_tokens)
+
+
+def document_nll(scorer: Scorer, ids: Sequence[Sequence[int]], batch_size: int) -> np.ndarray:
+    """Summed NLL of each document (float64), over its tokens after the first."""
+    totals = np.zeros(len(ids), np.float64)
+    for rows, batch, lengths in length_batches(ids, batch_size, scorer.max_length):
+        nll = np.asarray(scorer.token_nll(batch), np.float64)
+        if nll.shape != (batch.shape[0], batch.shape[1] - 1):
+            raise ValueError(f"scorer returned NLL of shape {nll.shape} for ids of shape {batch.shape}, "
+                             f"expected {(batch.shape[0], batch.shape[1] - 1)}")
+        scored = np.arange(batch.shape[1] - 1)[None, :] < (lengths - 1)[:, None]
+        totals[rows] = np.where(scored, nll, 0.0).sum(axis=1)[: len(rows)]
+    return totals
+
+
+def length_batches(ids: Sequence[Sequence[int]], batch_size: int, max_length: int
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(document indices, right-padded int32 ids, lengths) for documents of >= 2 tokens, by length.
+
+    Rows are padded to a power of two (at most batch_size) and lengths to the bucket ladder, so the
+    shapes a jitted scorer sees are few. Padding rows have length 0.
+    """
+    order = sorted((i for i, doc in enumerate(ids) if len(doc) >= 2), key=lambda i: len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        rows = np.array(order[start:start + batch_size])
+        longest = len(ids[rows[-1]])
+        width = max(longest, min(bucket_length(longest), max_length))
+        height = min(1 << (len(rows) - 1).bit_length(), batch_size)
+        batch = np.zeros((height, width), np.int32)
+        lengths = np.zeros(height, np.int64)
+        for r, i in enumerate(rows):
+            batch[r, : len(ids[i])] = ids[i]
+            lengths[r] = len(ids[i])
+        yield rows, batch, lengths
+
+
+def bucket_length(n: int) -> int:
+    """The smallest of 16, 24, 32, 48, 64, 96, ... (2^k and 1.5 * 2^k) that holds n."""
+    size = _MIN_BUCKET
+    while True:
+        if n <= size:
+            return size
+        if n <= size * 3 // 2:
+            return size * 3 // 2
+        size *= 2

@@ -1,0 +1,104 @@
+"""`hammer eval`: perplexity and bits per byte of a model on named domain files."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hammer import eval as harness
+from hammer.fsio import atomic_file
+
+BACKENDS = ("jax", "torch", "hf")
+DTYPES = ("float32", "bfloat16")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="perplexity and bits per byte on domain sets",
+                              description=harness.__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, type=Path,
+                   help="an HF model directory or a hammer JAX checkpoint directory")
+    p.add_argument("--data", required=True, nargs="+", action="extend", metavar="NAME=FILE",
+                   help="a domain: its name and a .jsonl (field 'text') or .txt (a document a line) file")
+    p.add_argument("--backend", choices=BACKENDS, default="jax",
+                   help="jax: hammer_jax; torch: the hammer_torch twin; hf: transformers (default jax)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the model directory)")
+    p.add_argument("--max-tokens", type=int, default=harness.DEFAULT_MAX_TOKENS,
+                   help="documents are cut to max_tokens // 3 characters and max_tokens ids (default 4096)")
+    p.add_argument("--reference-tokenizer", type=Path,
+                   help="also report loss and ppl per token of this tokenizer (Skywork's normalization)")
+    p.add_argument("--batch-size", type=int, default=harness.DEFAULT_BATCH_SIZE)
+    p.add_argument("--json", type=Path, metavar="OUT", help="write the results here as JSON")
+    p.set_defaults(func=run)
+
+
+def parse_domains(specs: list[str]) -> dict[str, Path]:
+    domains: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        if not sep or not name or not file:
+            raise ValueError(f"--data {spec!r}: expected NAME=FILE")
+        if name in domains:
+            raise ValueError(f"--data: domain {name!r} given twice")
+        domains[name] = Path(file)
+    return domains
+
+
+def load_scorer(backend: str, path: Path, dtype: str) -> harness.Scorer:
+    """The backend's scorer for the model at `path`; jax and torch are imported only here."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} not found")
+    if backend == "jax":
+        import jax.numpy as jnp
+
+        import hammer_jax
+        from hammer_jax.scorer import JaxScorer
+
+        return JaxScorer(hammer_jax.from_pretrained(path, dtype=getattr(jnp, dtype)))
+    import torch
+
+    from hammer_torch.scorer import TorchScorer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if backend == "hf":
+        return TorchScorer.from_hf(path, dtype=getattr(torch, dtype), device=device)
+    import hammer_torch
+
+    return TorchScorer.from_twin(hammer_torch.from_pretrained(path, dtype=getattr(torch, dtype)).to(device))
+
+
+def run(args: argparse.Namespace) -> int:
+    from hammer.tokenizer import Tokenizer
+
+    domain_files = parse_domains(args.data)
+    if args.json is not None:
+        if args.json.exists():
+            raise FileExistsError(f"--json {args.json} already exists; choose a new path or remove it")
+        if not args.json.parent.is_dir():
+            raise FileNotFoundError(f"--json {args.json}: directory {args.json.parent} does not exist")
+    if args.max_tokens < 6:
+        raise ValueError(f"--max-tokens must be >= 6, got {args.max_tokens}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    domains = {name: harness.read_documents(file) for name, file in domain_files.items()}
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
+    reference = Tokenizer.from_pretrained(args.reference_tokenizer) if args.reference_tokenizer else None
+    scorer = load_scorer(args.backend, args.model, args.dtype)
+    result = harness.evaluate(scorer, tokenizer, domains, max_tokens=args.max_tokens,
+                              batch_size=args.batch_size, reference_tokenizer=reference)
+    print(result.table())
+    for d in result.domains:
+        if d.truncated_documents:
+            print(f"note: {d.truncated_documents} {d.name} documents were cut at "
+                  f"{min(args.max_tokens, scorer.max_length)} tokens", file=sys.stderr)
+    if args.json is not None:
+        report = {"model": str(args.model), "backend": args.backend, "dtype": args.dtype,
+                  "tokenizer": str(args.tokenizer or args.model),
+                  "reference_tokenizer": str(args.reference_tokenizer) if reference else None,
+                  "data": {name: str(file) for name, file in domain_files.items()},
+                  **result.to_json()}
+        with atomic_file(args.json) as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    return 0

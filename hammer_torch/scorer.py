@@ -1,0 +1,65 @@
+"""Per-token NLL of torch models for the eval harness (`hammer.eval.Scorer`): the twin, or any HF
+model directory through transformers.
+
+The head is applied a slice of positions at a time, so a batch of HammerLLM's 105789-way float32
+logits (3.5 GB for 4 x 2048 positions) never exists at once.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Float32 logits kept alive at once, in elements (256 MiB).
+LOGITS_BUDGET = 1 << 26
+
+
+class TorchScorer:
+    """Scores with `features(ids) -> hidden [b, s, h]` followed by `head(hidden) -> logits`."""
+
+    def __init__(self, features: Callable[[torch.Tensor], torch.Tensor],
+                 head: Callable[[torch.Tensor], torch.Tensor], *, vocab_size: int, max_length: int,
+                 device: torch.device | str = "cpu"):
+        self._features, self._head = features, head
+        self.vocab_size, self.max_length, self.device = vocab_size, max_length, torch.device(device)
+
+    @classmethod
+    def from_twin(cls, model: torch.nn.Module) -> "TorchScorer":
+        """The hammer_torch Llama (its `features` and `head`)."""
+        model.eval()
+        device = next(model.parameters()).device
+        return cls(model.features, model.head, vocab_size=model.config.vocab_size,
+                   max_length=model.config.max_position_embeddings, device=device)
+
+    @classmethod
+    def from_hf(cls, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> "TorchScorer":
+        """Any causal LM directory transformers loads (weights only: no remote code runs)."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        decoder = model.get_decoder()
+
+        def features(ids: torch.Tensor) -> torch.Tensor:
+            return decoder(input_ids=ids, use_cache=False).last_hidden_state
+
+        config = model.config
+        return cls(features, model.get_output_embeddings(), vocab_size=config.vocab_size,
+                   max_length=config.max_position_embeddings, device=device)
+
+    @torch.inference_mode()
+    def token_nll(self, input_ids: np.ndarray) -> np.ndarray:
+        ids = torch.from_numpy(np.asarray(input_ids, np.int64)).to(self.device)
+        b, s = ids.shape
+        hidden = self._features(ids)[:, :-1]
+        targets = ids[:, 1:]
+        step = max(1, LOGITS_BUDGET // (b * self.vocab_size))
+        out = torch.empty(b, s - 1, dtype=torch.float32, device=self.device)
+        for i in range(0, s - 1, step):
+            logits = self._head(hidden[:, i:i + step]).float()
+            out[:, i:i + step] = F.cross_entropy(
+                logits.flatten(0, 1), targets[:, i:i + step].flatten(), reduction="none").view(b, -1)
+        return out.cpu().numpy()

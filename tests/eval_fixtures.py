@@ -1,0 +1,70 @@
+"""A tiny Llama-format model directory (random LlamaForCausalLM + a SentencePiece tokenizer trained on
+the spot) and domain files, for the eval and generation tests."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog, then naps in the sun for 15 minutes.",
+    "Language models learn to predict the next token from the ones before it.",
+    "天地玄黄，宇宙洪荒。日月盈昃，辰宿列张。寒来暑往，秋收冬藏。",
+    "北京是中国的首都，上海是最大的城市。我们在学习语言模型。",
+    "def add(a, b):\n    return a + b  # sum of two numbers\n",
+    "for i in range(10):\n    print(i * i, end=' ')\n",
+    "Perplexity is the exponential of the mean negative log likelihood per token.",
+    "Bits per byte compare models whose tokenizers differ; 8 bits make 1 byte.",
+]
+
+# Prime-ish, all distinct, so that a transposed weight cannot pass; GQA with 5 query heads per KV head.
+MODEL_DIMS = dict(hidden_size=60, intermediate_size=94, num_hidden_layers=2, num_attention_heads=5,
+                  num_key_value_heads=1, head_dim=12, max_position_embeddings=112)
+VOCAB_SIZE = 401
+
+
+def write_tokenizer(directory: Path, vocab_size: int = VOCAB_SIZE) -> None:
+    """SentencePiece BPE with byte fallback, written as a Llama tokenizer directory."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXTS * 10), model_prefix=str(directory / "tokenizer"),
+        model_type="bpe", vocab_size=vocab_size, character_coverage=1.0, byte_fallback=True,
+        split_digits=True, add_dummy_prefix=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+        minloglevel=2)
+    (directory / "tokenizer.vocab").unlink()
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": True}))
+
+
+def write_model(directory: Path, seed: int = 0, **overrides) -> None:
+    """A random LlamaForCausalLM saved with save_pretrained, in float32.
+
+    A wide initializer spreads the logits, so greedy decoding meets no near-ties that float32
+    rounding could flip between backends.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB_SIZE, initializer_range=0.25, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                         **{**MODEL_DIMS, **overrides})
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(directory)
+
+
+def write_model_dir(directory: Path, seed: int = 0) -> Path:
+    write_model(directory, seed)
+    write_tokenizer(directory)
+    return directory
+
+
+def write_domain_files(directory: Path) -> dict[str, Path]:
+    """Two small domains: English/code as jsonl, Chinese as txt (one document per line)."""
+    en = directory / "en.jsonl"
+    en.write_text("".join(json.dumps({"text": t, "id": i}) + "\n"
+                          for i, t in enumerate(TEXTS[:2] + TEXTS[4:] + ["x"])))
+    zh = directory / "zh.txt"
+    zh.write_text("\n".join(TEXTS[2:4] + ["语言模型。" * 3, "我们在学习"]) + "\n")
+    return {"en": en, "zh": zh}
