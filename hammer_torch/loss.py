@@ -1,0 +1,57 @@
+"""Next-token cross-entropy that never holds the whole batch's logits.
+
+For HammerLLM's batch (8 x 2048 tokens, vocabulary V = 105789) the float32 logits alone are
+8·2048·105789·4 B = 6.93 GB. The plain path (bfloat16 head, `.float()`, `F.cross_entropy`) keeps
+alive at the end of the forward pass the bfloat16 logits (3.47 GB), their float32 copy (6.93 GB) and
+the log-softmax that cross-entropy saves for backward (6.93 GB): about 17.3 GB, and backward adds a
+float32 gradient of the same 6.93 GB.
+
+Here the tokens are split into chunks of `chunk_size`; each chunk runs head matmul + cross-entropy
+under activation checkpointing, so only its inputs are kept and backward recomputes its logits. At
+`chunk_size=1024` one chunk's transient logits are 1024·105789·(2+4+4) B = 1.08 GB, freed before
+the next chunk: about 16 GB less peak memory for the loss, at the cost of one more head matmul.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def chunked_cross_entropy(features: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk_size: int = 1024, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean cross-entropy of logits `features @ weight.T` (float32) against `targets`.
+
+    features (..., H), weight (V, H), targets (...) with the leading shape of features; targets equal
+    to `ignore_index` count neither in the sum nor in the mean.
+    """
+    if features.shape[:-1] != targets.shape:
+        raise ValueError(f"features {tuple(features.shape)} and targets {tuple(targets.shape)} "
+                         f"disagree on the token dimensions")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    features = features.reshape(-1, features.shape[-1])
+    targets = targets.reshape(-1)
+    total = features.new_zeros((), dtype=torch.float32)
+    for h, t in zip(features.split(chunk_size), targets.split(chunk_size)):
+        total = total + checkpoint(_summed_cross_entropy, h, weight, t, ignore_index,
+                                   use_reentrant=False)
+    return total / (targets != ignore_index).sum()
+
+
+def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, chunk_size: int = 1024,
+                   ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean loss of predicting input_ids[:, 1:] from the features of input_ids[:, :-1]."""
+    if input_ids.ndim != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be (batch, seq) with seq >= 2, got {tuple(input_ids.shape)}")
+    features = model.features(input_ids)
+    return chunked_cross_entropy(features[:, :-1], model.lm_head.weight, input_ids[:, 1:],
+                                 chunk_size, ignore_index)
+
+
+def _summed_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          ignore_index: int) -> torch.Tensor:
+    logits = F.linear(h, weight).float()
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
