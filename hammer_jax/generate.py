@@ -1,0 +1,35 @@
+"""KV-cache decoding of the JAX Llama for `hammer.sampling.generate`: the prompt in one call, then
+one token a call, each through a step compiled once per input shape (prefill, then [1, 1])."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+class JaxStepper:
+    """`step(ids) -> last logits` over a cache of `max_len` positions, for a batch of one."""
+
+    def __init__(self, model, max_len: int):
+        graphdef, self._state = nnx.split(model)
+
+        def step(state, ids, cache):
+            logits, cache = nnx.merge(graphdef, state).decode(ids, cache)
+            return logits[0, -1].astype(jnp.float32), cache
+
+        # The cache is rewritten every step; donating it lets XLA update it in place where the
+        # platform supports donation (CPU does not, and would warn).
+        donate = () if jax.default_backend() == "cpu" else (2,)
+        self.compiled_step = jax.jit(step, donate_argnums=donate)
+        self._cache = model.init_cache(1, max_len)
+        self.max_len, self.length = max_len, 0
+
+    def __call__(self, ids: Sequence[int]) -> np.ndarray:
+        if self.length + len(ids) > self.max_len:
+            raise ValueError(f"{len(ids)} tokens after {self.length} exceed the cache's {self.max_len} positions")
+        logits, self._cache = self.compiled_step(self._state, jnp.asarray([ids], jnp.int32), self._cache)
+        self.length += len(ids)
+        return np.asarray(logits)
