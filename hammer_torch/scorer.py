@@ -22,8 +22,8 @@ class TorchScorer:
 
     def __init__(self, features: Callable[[torch.Tensor], torch.Tensor],
                  head: Callable[[torch.Tensor], torch.Tensor], *, vocab_size: int, max_length: int,
-                 device: torch.device | str = "cpu"):
-        self._features, self._head = features, head
+                 device: torch.device | str = "cpu", logits_budget: int = LOGITS_BUDGET):
+        self._features, self._head, self.logits_budget = features, head, logits_budget
         self.vocab_size, self.max_length, self.device = vocab_size, max_length, torch.device(device)
 
     @classmethod
@@ -36,7 +36,7 @@ class TorchScorer:
 
     @classmethod
     def from_hf(cls, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu") -> "TorchScorer":
+                device: torch.device | str = "cpu", logits_budget: int = LOGITS_BUDGET) -> "TorchScorer":
         """Any causal LM directory transformers loads (weights only: no remote code runs)."""
         from transformers import AutoModelForCausalLM
 
@@ -48,7 +48,7 @@ class TorchScorer:
 
         config = model.config
         return cls(features, model.get_output_embeddings(), vocab_size=config.vocab_size,
-                   max_length=config.max_position_embeddings, device=device)
+                   max_length=config.max_position_embeddings, device=device, logits_budget=logits_budget)
 
     @torch.inference_mode()
     def token_nll(self, input_ids: np.ndarray) -> np.ndarray:
@@ -56,7 +56,7 @@ class TorchScorer:
         b, s = ids.shape
         hidden = self._features(ids)[:, :-1]
         targets = ids[:, 1:]
-        step = max(1, LOGITS_BUDGET // (b * self.vocab_size))
+        step = max(1, self.logits_budget // (b * self.vocab_size))
         out = torch.empty(b, s - 1, dtype=torch.float32, device=self.device)
         for i in range(0, s - 1, step):
             logits = self._head(hidden[:, i:i + step]).float()

@@ -208,3 +208,12 @@ def test_hammer_eval_rejects_bad_data_arguments_in_one_line(tiny_model_dir, tmp_
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_torch_scorer_heads_a_slice_of_positions_at_a_time_with_the_same_result(tiny_model_dir, tokenizer, hf_scorer):
+    from hammer_torch.scorer import TorchScorer
+
+    whole = harness.evaluate(hf_scorer, tokenizer, {"d": TEXTS}, batch_size=4)["d"]
+    sliced_scorer = TorchScorer.from_hf(tiny_model_dir, logits_budget=4 * 3 * 401)  # 3 positions a slice
+    sliced = harness.evaluate(sliced_scorer, tokenizer, {"d": TEXTS}, batch_size=4)["d"]
+    assert sliced.nll == pytest.approx(whole.nll, rel=1e-6)
