@@ -74,7 +74,9 @@ class Tokenizer:
         self.bos_id = self._token_id(special.bos_token, self._sp.bos_id())
         self.eos_id = self._token_id(special.eos_token, self._sp.eos_id())
         self.unk_id = self._token_id(special.unk_token, self._sp.unk_id())
-        self.pad_id = self._token_id(special.pad_token, self._sp.pad_id())
+        # A pad token outside the model (an id transformers would add after the pieces) is never
+        # produced by SentencePiece, so hammer has no pad id for it.
+        self.pad_id = self._token_id(special.pad_token, self._sp.pad_id(), required=False)
         if special.add_bos_token and self.bos_id is None:
             raise TokenizerError(f"{name}: add_bos_token is true but the model has no BOS piece")
         if special.add_eos_token and self.eos_id is None:
@@ -178,11 +180,13 @@ class Tokenizer:
             ids += self._sp.encode(text[start:])
         return ids
 
-    def _token_id(self, token: str | None, sp_default: int) -> int | None:
+    def _token_id(self, token: str | None, sp_default: int, required: bool = True) -> int | None:
         if token is None:
             return sp_default if sp_default >= 0 else None
         i = self._sp.piece_to_id(token)
         if i == self._sp.unk_id() and token != self._sp.id_to_piece(i):
+            if not required:
+                return None
             raise TokenizerError(f"{self.name}: special token {token!r} is not a piece of the model")
         return i
 

@@ -98,3 +98,8 @@ def test_missing_or_non_sentencepiece_files_are_refused(tmp_path):
     (tmp_path / "junk.model").write_bytes(b"not a protobuf at all \xff\xfe")
     with pytest.raises(TokenizerError, match="not a SentencePiece model"):
         Tokenizer.from_pretrained(tmp_path / "junk.model")
+
+
+def test_a_pad_token_outside_the_model_gives_no_pad_id(hammerllm_dir):
+    tok = Tokenizer.from_pretrained(hammerllm_dir / "reference-tokenizers" / "llama_zh_1b")
+    assert (tok.special.pad_token, tok.pad_id, tok.bos_id) == ("<pad>", None, 1)
