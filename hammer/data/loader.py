@@ -1,0 +1,210 @@
+"""Training batches: prepared datasets mixed by weight and shuffled with a seed; named validation sets.
+
+Mixing. One pass ("epoch") of a mixture has T slots, T = the datasets' blocks together. Dataset d
+gets c_d = w_d * T of them (rounded by largest remainder so that they sum to T); with the default
+weights, proportional to size, c_d = len(d): every block once per epoch, HammerLLM's random merge of
+its sources. Each dataset is read through its own endless stream, seeded permutations of its blocks
+one after another; epoch e of the mixture takes positions [e * c_d, (e + 1) * c_d) of that stream, so
+an up-weighted dataset repeats a block only after showing all of them, and a down-weighted one shows
+new blocks each epoch. The T slots' dataset labels are put in seeded random order and the k-th slot
+labelled d gets the k-th block of d's share. Any run of consecutive slots is thus drawn without
+replacement from the epoch's labels: dataset d's fraction is w_d within hypergeometric sampling error.
+
+Every permutation is a function of (seed, which dataset or the mixture, epoch) alone, so global
+batch `step` is a pure function of (seed, step): `LoaderState(seed, step)` is the loader's whole
+position, and restoring it replays nothing. Determinism holds for a given numpy version (numpy
+documents that `Generator` streams may change between versions).
+
+Several hosts: every process derives the same global batch; process p of P takes rows
+[p * B / P, (p + 1) * B / P) and reads only those blocks.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from hammer.data.prepared import PreparedDataset, load_prepared
+from hammer.data.sources import DataError
+
+_MIX, _DATASET = 0, 1  # seed-sequence tags keeping the mixture's and the datasets' permutations apart
+
+
+@dataclass(frozen=True)
+class LoaderState:
+    """Where a loader stands: the next global batch is number `step` of the order that `seed` makes."""
+
+    seed: int
+    step: int
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed, "step": self.step}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "LoaderState":
+        return cls(int(data["seed"]), int(data["step"]))
+
+
+class Mixture:
+    """Datasets with weights (default: in proportion to their sizes); `epoch()` gives one seeded pass."""
+
+    def __init__(self, datasets: Sequence[PreparedDataset], weights: Sequence[float] | None = None):
+        if not datasets:
+            raise DataError("a mixture needs at least one dataset")
+        first = datasets[0]
+        for ds in datasets[1:]:
+            if ds.block_size != first.block_size:
+                raise DataError(f"{ds.path} has blocks of {ds.block_size} tokens, {first.path} of "
+                                f"{first.block_size}; mixed datasets must share the block size")
+            if ds.fingerprint != first.fingerprint:
+                raise DataError(f"{ds.path} was made with tokenizer {ds.fingerprint}, {first.path} with "
+                                f"{first.fingerprint}; mixed datasets must share the tokenizer")
+        sizes = np.array([len(ds) for ds in datasets], np.float64)
+        if weights is None:
+            weights = sizes
+        weights = np.asarray(weights, np.float64)
+        if weights.shape != sizes.shape or not np.all(np.isfinite(weights)) or weights.min() < 0 or weights.sum() <= 0:
+            raise DataError(f"mixture weights must be one non-negative number per dataset ({len(datasets)}), "
+                            f"not all zero; got {weights.tolist()}")
+        self.datasets = list(datasets)
+        self.block_size = first.block_size
+        self.weights = weights / weights.sum()
+        self.epoch_size = int(sizes.sum())
+        self.counts = _apportion(self.weights, self.epoch_size)
+        self._cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def epoch(self, seed: int, number: int) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset of each slot, block of that dataset) for the `epoch_size` slots of epoch `number`."""
+        key = (seed, number)
+        if key not in self._cache:
+            labels = np.repeat(np.arange(len(self.datasets), dtype=np.int32), self.counts)
+            labels = np.random.default_rng([seed, _MIX, number]).permutation(labels)
+            order = np.argsort(labels, kind="stable")  # slots grouped by dataset, in slot order within each
+            blocks = np.empty(self.epoch_size, np.int64)
+            blocks[order] = np.concatenate([
+                self._stream(seed, d, number * c, (number + 1) * c) for d, c in enumerate(self.counts)])
+            if len(self._cache) >= 2:  # a batch touches at most two epochs when it is smaller than one
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = labels, blocks
+        return self._cache[key]
+
+    def _stream(self, seed: int, d: int, start: int, stop: int) -> np.ndarray:
+        """Positions [start, stop) of dataset d's endless stream of seeded permutations of its blocks."""
+        n = len(self.datasets[d])
+        if stop <= start:
+            return np.empty(0, np.int64)
+        first, last = start // n, (stop - 1) // n
+        rounds = [np.random.default_rng([seed, _DATASET, d, r]).permutation(n) for r in range(first, last + 1)]
+        return np.concatenate(rounds)[start - first * n: stop - first * n]
+
+
+def _apportion(weights: np.ndarray, total: int) -> np.ndarray:
+    """Integers proportional to `weights` summing to `total` (largest remainder; ties to the first)."""
+    exact = weights * total
+    counts = np.floor(exact).astype(np.int64)
+    short = total - int(counts.sum())
+    counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1
+    return counts
+
+
+class Loader:
+    """Iterator of this process's rows of each global batch (int32 `[B / P, block_size]`)."""
+
+    def __init__(self, mixture: Mixture, global_batch_size: int, *, seed: int = 0, step: int = 0,
+                 process_index: int = 0, process_count: int = 1):
+        if global_batch_size < 1 or global_batch_size % process_count:
+            raise DataError(f"global batch size {global_batch_size} must be a positive multiple of the "
+                            f"process count {process_count}")
+        if seed < 0:
+            raise DataError(f"seed must be >= 0, got {seed}")
+        if not 0 <= process_index < process_count:
+            raise DataError(f"process index {process_index} is not in [0, {process_count})")
+        self.mixture = mixture
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // process_count
+        self.process_index, self.process_count = process_index, process_count
+        self.seed, self.step = seed, step
+
+    @property
+    def state(self) -> LoaderState:
+        return LoaderState(self.seed, self.step)
+
+    def restore(self, state: LoaderState) -> None:
+        self.seed, self.step = state.seed, state.step
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        batch = self.batch(self.step)
+        self.step += 1
+        return batch
+
+    def sources(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset, block) of each of this process's rows of global batch `step`."""
+        first = step * self.global_batch_size + self.process_index * self.local_batch_size
+        slots = np.arange(first, first + self.local_batch_size, dtype=np.int64)
+        epochs, within = np.divmod(slots, self.mixture.epoch_size)
+        datasets = np.empty(len(slots), np.int32)
+        blocks = np.empty(len(slots), np.int64)
+        for e in np.unique(epochs):
+            rows = epochs == e
+            labels, ids = self.mixture.epoch(self.seed, int(e))
+            datasets[rows], blocks[rows] = labels[within[rows]], ids[within[rows]]
+        return datasets, blocks
+
+    def batch(self, step: int) -> np.ndarray:
+        """This process's rows of global batch `step`, read from the shards."""
+        datasets, blocks = self.sources(step)
+        out = np.empty((len(blocks), self.mixture.block_size), np.int32)
+        for d in np.unique(datasets):
+            rows = np.flatnonzero(datasets == d)
+            out[rows] = self.mixture.datasets[d].read(blocks[rows])
+        return out
+
+
+def mixture_from_specs(specs: Sequence[str], tokenizer=None) -> Mixture:
+    """A mixture from "DIR" or "DIR:WEIGHT" strings (a weight for every dataset or for none)."""
+    paths, weights = [], []
+    for spec in specs:
+        path, _, weight = str(spec).rpartition(":")
+        try:
+            weights.append(float(weight))
+            paths.append(path)
+        except ValueError:
+            paths.append(str(spec))
+    if weights and len(weights) != len(paths):
+        raise DataError(f"give a weight for every dataset or for none: {list(specs)}")
+    return Mixture([load_prepared(p, tokenizer) for p in paths], weights or None)
+
+
+def validation_sets(spec: Mapping[str, str | os.PathLike] | str | os.PathLike,
+                    tokenizer=None) -> dict[str, PreparedDataset]:
+    """Named validation sets: from {name: DIR}, or a directory whose subdirectories are prepared sets."""
+    if not isinstance(spec, Mapping):
+        root = Path(spec)
+        if not root.is_dir():
+            raise FileNotFoundError(f"validation directory {root} not found")
+        spec = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+        if not spec:
+            raise DataError(f"validation directory {root} holds no prepared datasets")
+    return {name: load_prepared(path, tokenizer) for name, path in spec.items()}
+
+
+def eval_batches(dataset: PreparedDataset, batch_size: int, *, process_index: int = 0,
+                 process_count: int = 1, drop_remainder: bool = False) -> Iterator[np.ndarray]:
+    """A validation set in packing order, global batches of `batch_size` blocks, this process's rows.
+
+    The last batch may be short (each process then gets its near-equal share, possibly none) unless
+    `drop_remainder`, which keeps shapes fixed for a jitted step.
+    """
+    if batch_size < 1 or batch_size % process_count:
+        raise DataError(f"batch size {batch_size} must be a positive multiple of the process count {process_count}")
+    n = len(dataset)
+    stop = n - n % batch_size if drop_remainder else n
+    for start in range(0, stop, batch_size):
+        ids = np.arange(start, min(start + batch_size, stop))
+        yield dataset.read(np.array_split(ids, process_count)[process_index])

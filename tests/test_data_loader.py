@@ -1,0 +1,129 @@
+"""Mixing, shuffling, restoring and multi-host slicing of prepared datasets."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hammer.data import (DataError, Loader, LoaderState, Mixture, eval_batches, load_prepared,
+                         mixture_from_specs, prepare, validation_sets)
+from tests.data_helpers import ByteTokenizer, write_jsonl
+
+BLOCK = 8  # a 6-character document + BOS + EOS fills one block exactly, so block i is document i
+
+
+def make_dataset(directory, letter: str, blocks: int, tokenizer=ByteTokenizer()):
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(directory.parent / f"{directory.name}.jsonl", [f"{letter}{i:05d}" for i in range(blocks)])
+    prepare(tokenizer, [data], directory, block_size=BLOCK, blocks_per_shard=7)
+    return load_prepared(directory)
+
+
+def identify(block: np.ndarray) -> str:
+    """The document (= block) a row holds: its letter and number."""
+    return bytes(int(t) - 3 for t in block[1:-1]).decode()
+
+
+@pytest.fixture(scope="module")
+def small_and_large(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mix")
+    return make_dataset(root / "a", "a", 23), make_dataset(root / "b", "b", 37)
+
+
+def test_batches_hold_the_blocks_the_order_names_and_a_seed_fixes_the_order(small_and_large):
+    mixture = Mixture(small_and_large)
+    loader = Loader(mixture, 6, seed=11)
+    batches = [next(loader) for _ in range(4)]
+    assert all(b.shape == (6, BLOCK) and b.dtype == np.int32 for b in batches)
+    for step, batch in enumerate(batches):
+        datasets, blocks = loader.sources(step)
+        assert [identify(row) for row in batch] == ["ab"[d] + f"{b:05d}" for d, b in zip(datasets, blocks)]
+    again = Loader(Mixture(small_and_large), 6, seed=11)
+    np.testing.assert_array_equal(np.stack([next(again) for _ in range(4)]), np.stack(batches))
+    other = Loader(mixture, 6, seed=12)
+    assert not np.array_equal(np.stack([next(other) for _ in range(4)]), np.stack(batches))
+
+
+def test_restoring_seed_and_step_gives_exactly_the_next_batches(small_and_large):
+    loader = Loader(Mixture(small_and_large), 5, seed=3)
+    for _ in range(13):  # past the first epoch of 60 blocks
+        next(loader)
+    saved = json.loads(json.dumps(loader.state.to_dict()))
+    expected = [next(loader) for _ in range(4)]
+    restored = Loader(Mixture(small_and_large), 5, seed=0)
+    restored.restore(LoaderState.from_dict(saved))
+    assert restored.state == LoaderState(3, 13)
+    np.testing.assert_array_equal(np.stack([next(restored) for _ in range(4)]), np.stack(expected))
+
+
+def test_default_weights_show_every_block_once_per_epoch_in_shuffled_order(small_and_large):
+    loader = Loader(Mixture(small_and_large), 4, seed=5)
+    epoch = [identify(row) for _ in range(15) for row in next(loader)]
+    assert sorted(epoch) == sorted([f"a{i:05d}" for i in range(23)] + [f"b{i:05d}" for i in range(37)])
+    assert epoch != sorted(epoch)
+    second = [identify(row) for _ in range(15) for row in next(loader)]
+    assert sorted(second) == sorted(epoch) and second != epoch
+
+
+def test_two_hosts_read_disjoint_halves_that_together_are_the_global_batch_and_cover_every_block_once(small_and_large):
+    mixture = Mixture(small_and_large)
+    whole = Loader(mixture, 6, seed=9)
+    hosts = [Loader(Mixture(small_and_large), 6, seed=9, process_index=p, process_count=2) for p in (0, 1)]
+    seen = []
+    for _ in range(10):  # one epoch of 60 blocks
+        halves = [next(h) for h in hosts]
+        assert all(h.shape == (3, BLOCK) for h in halves)
+        np.testing.assert_array_equal(np.concatenate(halves), next(whole))
+        seen += [identify(row) for half in halves for row in half]
+    assert len(seen) == len(set(seen)) == 60
+    with pytest.raises(DataError, match="multiple of the process count 4"):
+        Loader(mixture, 6, process_index=0, process_count=4)
+
+
+def test_mixing_weights_hold_within_sampling_error_and_an_upweighted_set_repeats_only_after_a_full_pass(small_and_large):
+    loader = Loader(Mixture(small_and_large, weights=[0.7, 0.3]), 16, seed=21)
+    draws = [identify(row) for _ in range(100) for row in next(loader)]
+    fraction = sum(d.startswith("a") for d in draws) / len(draws)
+    sigma = (0.7 * 0.3 / len(draws)) ** 0.5
+    assert abs(fraction - 0.7) < 4 * sigma, fraction
+    small = [d for d in draws if d.startswith("a")]
+    for start in range(0, len(small) - 23, 23):  # the 23 blocks of "a", each pass a fresh permutation
+        assert sorted(small[start:start + 23]) == [f"a{i:05d}" for i in range(23)]
+    assert Mixture(small_and_large, weights=[1, 0]).counts.tolist() == [60, 0]
+
+
+def test_mixtures_refuse_other_block_sizes_other_tokenizers_and_bad_weights(tmp_path, small_and_large):
+    class Other(ByteTokenizer):
+        fingerprint = "another-tokenizer"
+
+    other = make_dataset(tmp_path / "o", "o", 5, Other())
+    with pytest.raises(DataError, match="another-tokenizer.*byte-tokenizer-for-tests"):
+        Mixture([small_and_large[0], other])
+    data = write_jsonl(tmp_path / "w.jsonl", ["x" * 14] * 3)
+    prepare(ByteTokenizer(), [data], tmp_path / "wide", block_size=16)
+    with pytest.raises(DataError, match="blocks of 16 tokens"):
+        Mixture([small_and_large[0], load_prepared(tmp_path / "wide")])
+    with pytest.raises(DataError, match="non-negative"):
+        Mixture(small_and_large, weights=[1, -1])
+
+
+def test_mixture_specs_take_a_weight_for_every_dataset_or_none(small_and_large):
+    a, b = (str(ds.path) for ds in small_and_large)
+    assert mixture_from_specs([a, b]).counts.tolist() == [23, 37]
+    assert mixture_from_specs([f"{a}:1", f"{b}:3"]).counts.tolist() == [15, 45]
+    with pytest.raises(DataError, match="every dataset or for none"):
+        mixture_from_specs([f"{a}:1", b])
+
+
+def test_named_validation_sets_are_read_in_packing_order_and_split_across_hosts(tmp_path):
+    make_dataset(tmp_path / "valid" / "zh", "z", 11)
+    make_dataset(tmp_path / "valid" / "en", "e", 4)
+    sets = validation_sets(tmp_path / "valid")
+    assert list(sets) == ["en", "zh"] and len(sets["zh"]) == 11
+    hosts = [list(eval_batches(sets["zh"], 4, process_index=p, process_count=2)) for p in (0, 1)]
+    assert [len(b) for b in hosts[0]] == [2, 2, 2] and [len(b) for b in hosts[1]] == [2, 2, 1]
+    order = [identify(row) for step in zip(*hosts) for half in step for row in half]
+    assert order == [f"z{i:05d}" for i in range(11)]
+    assert [len(b) for b in eval_batches(sets["zh"], 4, drop_remainder=True)] == [4, 4]
+    assert list(validation_sets({"mine": tmp_path / "valid" / "en"})) == ["mine"]
