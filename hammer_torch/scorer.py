@@ -28,8 +28,7 @@ class TorchScorer:
 
     @classmethod
     def from_twin(cls, model: torch.nn.Module) -> "TorchScorer":
-        """The hammer_torch Llama (its `features` and `head`)."""
-        model.eval()
+        """The hammer_torch Llama (its `features` and `head`), with its current weights."""
         device = next(model.parameters()).device
         return cls(model.features, model.head, vocab_size=model.config.vocab_size,
                    max_length=model.config.max_position_embeddings, device=device)
