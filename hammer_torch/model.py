@@ -110,9 +110,13 @@ class Llama(nn.Module):
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.reset_parameters()
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.register_load_state_dict_pre_hook(_fill_tied_head)
+
+    def tie_weights(self) -> None:
+        """With tie_word_embeddings the head is the embedding Parameter itself (one gradient)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def reset_parameters(self) -> None:
         """HF's initialization: normal(0, initializer_range) matrices, unit norm scales."""
