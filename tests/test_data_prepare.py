@@ -195,14 +195,45 @@ def test_unknown_formats_missing_fields_and_bad_json_are_clear_errors(tmp_path):
         prepare(ByteTokenizer(), [tmp_path / "bad.jsonl"], tmp_path / "bad-out", block_size=2)
 
 
-def test_tfds_input_without_the_tfds_extra_says_how_to_install_it():
+def _has_tfds() -> bool:
     try:
         import tensorflow_datasets  # noqa: F401
-        pytest.skip("tensorflow-datasets is installed")
+        return True
     except ImportError:
-        pass
+        return False
+
+
+@pytest.mark.skipif(_has_tfds(), reason="tensorflow-datasets is installed")
+def test_tfds_input_without_the_tfds_extra_says_how_to_install_it():
     with pytest.raises(DataError, match=r"hammerllm\[tfds\]"):
         open_source("tfds:wikipedia/20230601.en:train")
+
+
+@pytest.mark.skipif(not _has_tfds(), reason="needs the tfds extra (tensorflow-datasets, array-record)")
+def test_a_local_tfds_array_record_dataset_is_read_through_data_source(tmp_path):
+    import tensorflow_datasets as tfds
+
+    class HammerTinyText(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+                {"body": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(["hello", "", "数据"])}
+
+        def _generate_examples(self, texts):
+            for i, text in enumerate(texts):
+                yield i, {"body": text}
+
+    HammerTinyText(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+    index = prepare(ByteTokenizer(), ["tfds:hammer_tiny_text:train"], tmp_path / "out", block_size=3,
+                    text_field="body", tfds_data_dir=str(tmp_path / "tfds"))
+    assert (index["documents"], index["sources"][0]["empty_documents"]) == (2, 1)
+    ds = load_prepared(tmp_path / "out")
+    stream = np.concatenate([ds[i] for i in range(len(ds))]).tolist()
+    assert stream == [BOS, *ids("hello"), EOS, BOS, *ids("数据"), EOS][: len(stream)]
 
 
 def test_a_directory_of_files_gives_one_document_per_file_and_parquet_a_text_column(tmp_path):

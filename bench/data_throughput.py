@@ -1,0 +1,101 @@
+"""Data pipeline throughput: `prepare` with 1 and 2 worker processes, and the loader from page cache.
+
+Input is the embedded demo corpus (`hammer data demo`: zh, en, code train files). The tokenizer is
+HammerLLM's (105789 pieces, so uint32 shards) when ../shared/hammerllm is there, else --tokenizer.
+Rows:
+- tokenize only: `Tokenizer.encode_batch` over the same documents in one process: the ceiling;
+- prepare, N workers: the whole `prepare` (read, tokenize, pack, write, fsync, index), whose outputs
+  must be byte-identical across N;
+- loader: `Loader` batches of 8 x 2048 from the prepared shards, pinned to one core, shards already in
+  page cache (read once first), a shuffled mixture of the corpus with itself.
+Writes bench/results/data_throughput.json and prints a table.
+
+    python bench/data_throughput.py [--tokenizer DIR] [--mb 2] [--batches 2000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hammer.data import Loader, Mixture, load_prepared, prepare  # noqa: E402
+from hammer.data.demo import DOMAINS, build_demo_corpus  # noqa: E402
+from hammer.data.sources import open_source  # noqa: E402
+from hammer.tokenizer import Tokenizer  # noqa: E402
+
+DEFAULT_TOKENIZER = REPO.parent / "shared" / "hammerllm" / "tokenizer"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
+    parser.add_argument("--mb", type=float, default=2.0, help="MiB of text per domain")
+    parser.add_argument("--batches", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--block-size", type=int, default=2048)
+    args = parser.parse_args()
+
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        build_demo_corpus(tmp / "corpus", max_bytes=int(args.mb * 2**20))
+        inputs = [tmp / "corpus" / "train" / f"{d}.jsonl" for d in DOMAINS]
+        texts = [doc.text for path in inputs for doc in open_source(path).documents()]
+        megabytes = sum(len(t.encode()) for t in texts) / 1e6
+
+        start = time.perf_counter()
+        tokens = sum(len(ids) + 2 for ids in tokenizer.encode_batch(texts, add_special_tokens=False))
+        seconds = time.perf_counter() - start
+        rows.append({"what": "tokenize only (1 process)", "seconds": seconds, "tokens_per_s": tokens / seconds,
+                     "mb_per_s": megabytes / seconds})
+
+        outputs = {}
+        for workers in (1, 2):
+            out = tmp / f"prepared-{workers}"
+            start = time.perf_counter()
+            index = prepare(args.tokenizer, inputs, out, block_size=args.block_size, workers=workers)
+            seconds = time.perf_counter() - start
+            outputs[workers] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+            rows.append({"what": f"prepare, {workers} worker{'s' * (workers > 1)}", "seconds": seconds,
+                         "tokens_per_s": index["tokens"] / seconds, "mb_per_s": megabytes / seconds})
+        identical = outputs[1] == outputs[2]
+
+        dataset = load_prepared(tmp / "prepared-1")
+        dataset.verify_checksums()  # also reads every shard into page cache
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+        loader = Loader(Mixture([dataset, load_prepared(tmp / "prepared-2")]), args.batch_size, seed=0)
+        next(loader)  # builds the first epoch's order
+        start = time.perf_counter()
+        for _ in range(args.batches):
+            batch = next(loader)
+        seconds = time.perf_counter() - start
+        loaded = args.batches * batch.size
+        rows.append({"what": f"loader {args.batch_size}x{args.block_size}, 1 core", "seconds": seconds,
+                     "tokens_per_s": loaded / seconds, "mb_per_s": None})
+
+    result = {"tokenizer": str(args.tokenizer), "vocab_size": tokenizer.vocab_size, "corpus_mb": megabytes,
+              "tokens": index["tokens"], "blocks": index["blocks"], "prepare_outputs_identical": identical,
+              "cpus": os.cpu_count(), "python": platform.python_version(), "rows": rows}
+    results = REPO / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "data_throughput.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"corpus {megabytes:.1f} MB, {index['tokens']} tokens, {index['blocks']} blocks; tokenizer vocab "
+          f"{tokenizer.vocab_size}; {os.cpu_count()} CPUs; 1- and 2-worker outputs identical: {identical}")
+    print(f"| {'what':<28} | {'seconds':>8} | {'tokens/s':>11} | {'MB/s':>6} |")
+    print(f"|{'-' * 30}|{'-' * 10}:|{'-' * 12}:|{'-' * 7}:|")
+    for row in rows:
+        mb = f"{row['mb_per_s']:.2f}" if row["mb_per_s"] is not None else ""
+        print(f"| {row['what']:<28} | {row['seconds']:>8.2f} | {row['tokens_per_s']:>11,.0f} | {mb:>6} |")
+
+
+if __name__ == "__main__":
+    main()
