@@ -130,6 +130,16 @@ def test_a_full_disk_leaves_no_index_and_the_rerun_resumes_to_byte_identical_out
     assert max(offsets) > 0, "some shard boundary should fall inside a document"
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full to simulate a full disk")
+def test_an_unfinished_run_is_not_resumed_over_changed_inputs(tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", ["some words"] * 30)
+    with pytest.raises(OSError):
+        prepare(ByteTokenizer(), [data], tmp_path / "out", block_size=8, blocks_per_shard=4, opener=_fail_shard(1))
+    write_jsonl(data, ["other words"] * 30)
+    with pytest.raises(DataError, match="unfinished preparation of other inputs or settings \\(sources differ\\)"):
+        prepare(ByteTokenizer(), [data], tmp_path / "out", block_size=8, blocks_per_shard=4)
+
+
 def test_an_output_holding_another_dataset_or_other_files_is_refused_and_the_same_dataset_is_kept(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", ["alpha beta gamma"] * 5)
     b = write_jsonl(tmp_path / "b.jsonl", ["delta epsilon"] * 5)

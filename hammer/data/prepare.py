@@ -139,8 +139,8 @@ def prepare(tokenizer, inputs: Sequence[str | os.PathLike], output: str | os.Pat
     """Prepares `inputs` into the dataset directory `output`; returns its index (see the module doc).
 
     `tokenizer` is a path to a tokenizer directory or an object with `hammer.tokenizer.Tokenizer`'s
-    encode_batch, bos_id, eos_id, vocab_size and fingerprint (picklable when `workers` > 1). `opener` is passed to `open` for
-    every shard file (the default writes plain files).
+    encode_batch, bos_id, eos_id, vocab_size and fingerprint (picklable when `workers` > 1).
+    `opener` is passed to `open` for every shard file (the default writes plain files).
     """
     if isinstance(tokenizer, (str, os.PathLike)):
         from hammer.tokenizer import Tokenizer  # sentencepiece loads only when preparing
@@ -150,7 +150,11 @@ def prepare(tokenizer, inputs: Sequence[str | os.PathLike], output: str | os.Pat
         raise DataError(f"block size must be >= 2 (room for BOS and EOS), got {block_size}")
     if workers < 1:
         raise DataError(f"workers must be >= 1, got {workers}")
-    blocks_per_shard = blocks_per_shard or max(1, DEFAULT_SHARD_TOKENS // block_size)
+    if tokenizer.bos_id is None or tokenizer.eos_id is None:
+        raise DataError(f"tokenizer {tokenizer!r} lacks a BOS or EOS token (bos_id={tokenizer.bos_id}, "
+                        f"eos_id={tokenizer.eos_id}); documents are packed as [BOS] + ids + [EOS]")
+    if blocks_per_shard is None:
+        blocks_per_shard = max(1, DEFAULT_SHARD_TOKENS // block_size)
     if blocks_per_shard < 1:
         raise DataError(f"blocks per shard must be >= 1, got {blocks_per_shard}")
     if not inputs:

@@ -19,6 +19,7 @@ Bytes that are not valid UTF-8 are replaced by U+FFFD and counted; a document is
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -83,14 +84,19 @@ class Source:
         return {"path": self.path, "format": self.format, "kind": self.kind, "field": field}
 
     def identity(self) -> dict:
-        """describe() plus the size and mtime of every file read, so a resumed run sees changed inputs."""
+        """describe() plus sizes and mtimes of the files read, so that a resumed run notices changed inputs."""
         if self.format == "tfds":
             return {**self.describe(), "data_dir": self.tfds_data_dir}
         root = Path(self.path)
-        files = sorted(_walk(root)) if root.is_dir() else [root]
-        return {**self.describe(),
-                "files": [[str(f.relative_to(root)) if root.is_dir() else f.name, f.stat().st_size,
-                           f.stat().st_mtime_ns] for f in files]}
+        if not root.is_dir():
+            stat = root.stat()
+            return {**self.describe(), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        listing, total = hashlib.sha256(), 0
+        for path in sorted(_walk(root)):
+            stat = path.stat()
+            listing.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            total += stat.st_size
+        return {**self.describe(), "bytes": total, "listing_sha256": listing.hexdigest()}
 
     def documents(self, start: int = 0) -> Iterator[Text | np.ndarray]:
         """The source's documents from number `start` on: `Text` for text sources, int arrays for tokens."""
@@ -171,6 +177,8 @@ class Source:
 def open_source(path: str | os.PathLike, text_field: str = "text", tfds_data_dir: str | None = None) -> Source:
     """Recognizes the format of `path` and checks that its text (or token) field is there."""
     spec = str(path)
+    if not spec.startswith(_TFDS_PREFIX):
+        spec = os.path.abspath(spec)  # the index and a resumed run must not depend on the working directory
     if spec.startswith(_TFDS_PREFIX):
         _tfds_source(spec, tfds_data_dir)  # fail now, not after the first shard, when TFDS or the data is missing
         return Source(spec, "tfds", "text", text_field, tfds_data_dir)
