@@ -65,12 +65,13 @@ def _info(args: argparse.Namespace) -> None:
         dataset.verify_checksums()
     print(f"{args.path}: {_summary(dataset.metadata)}")
     for source in dataset.metadata["sources"]:
-        print(f"  {source['path']} ({source['format']}): {source['documents']} documents, {source['tokens']} tokens, "
-              f"{source['empty_documents']} empty, {source['invalid_utf8_documents']} with invalid UTF-8")
+        print(f"  {source['path']} ({source['format']}): {source['documents']} documents, "
+              f"{source['tokens']} tokens, {source['empty_documents']} empty, "
+              f"{source['invalid_utf8_documents']} with invalid UTF-8")
 
 
 def _summary(index: dict) -> str:
     settings = index["settings"]
     return (f"{index['blocks']} blocks of {settings['block_size']} tokens ({settings['dtype']}) in "
-            f"{len(index['shards'])} shards; {index['documents']} documents, {index['tokens']} tokens, "
+            f"{len(index['shards'])} shard{'s' * (len(index['shards']) != 1)}; {index['documents']} documents, {index['tokens']} tokens, "
             f"{index['dropped_tokens']} dropped at the end")

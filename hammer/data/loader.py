@@ -66,7 +66,8 @@ class Mixture:
         if weights is None:
             weights = sizes
         weights = np.asarray(weights, np.float64)
-        if weights.shape != sizes.shape or not np.all(np.isfinite(weights)) or weights.min() < 0 or weights.sum() <= 0:
+        valid = weights.shape == sizes.shape and np.all(np.isfinite(weights)) and weights.min() >= 0
+        if not valid or weights.sum() <= 0:
             raise DataError(f"mixture weights must be one non-negative number per dataset ({len(datasets)}), "
                             f"not all zero; got {weights.tolist()}")
         self.datasets = list(datasets)
@@ -202,7 +203,8 @@ def eval_batches(dataset: PreparedDataset, batch_size: int, *, process_index: in
     `drop_remainder`, which keeps shapes fixed for a jitted step.
     """
     if batch_size < 1 or batch_size % process_count:
-        raise DataError(f"batch size {batch_size} must be a positive multiple of the process count {process_count}")
+        raise DataError(f"batch size {batch_size} must be a positive multiple of the process count "
+                        f"{process_count}")
     n = len(dataset)
     stop = n - n % batch_size if drop_remainder else n
     for start in range(0, stop, batch_size):

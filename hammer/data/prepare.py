@@ -215,7 +215,8 @@ class _Preparation:
     def __init__(self, tokenizer, sources: list[Source], output: Path, settings: dict, key: dict,
                  state: dict | None, workers: int, opener: Opener | None, progress: bool):
         self.tokenizer, self.sources, self.output = tokenizer, sources, output
-        self.settings, self.key, self.workers, self.opener, self.progress = settings, key, workers, opener, progress
+        self.settings, self.key, self.workers = settings, key, workers
+        self.opener, self.progress = opener, progress
         self.block_size = settings["block_size"]
         self.dtype = np.dtype(settings["dtype"])
         fresh = state is None
@@ -322,7 +323,8 @@ class _Preparation:
             doc, number = chunk.docs[k], chunk.start + k
             tokens = stream[position: position + length]
             position += length
-            skip = self.resume.offset if (chunk.source, number) == (self.resume.source, self.resume.document) else 0
+            resumed = (chunk.source, number) == (self.resume.source, self.resume.document)
+            skip = self.resume.offset if resumed else 0
             before = len(carry)
             blocks, rest = cut(np.concatenate([carry, tokens[skip:]]) if before else tokens[skip:], bs)
             for b, block in enumerate(blocks):
