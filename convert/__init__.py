@@ -1,0 +1,33 @@
+"""Checkpoint conversion between HuggingFace Llama directories, hammer_jax and (via HF names)
+torch state dicts. Pure functions over name -> numpy array maps; bfloat16 is ml_dtypes.bfloat16.
+
+    load_hf(path) -> (ModelConfig, {hf_name: array})        HF dir: safetensors (one or sharded
+                                                             with index) or pytorch_model.bin;
+                                                             `_orig_mod.`/`module.` stripped
+    save_hf(dst, config, tensors, tokenizer=None, dtype=None, max_shard_bytes=5 GiB)
+    check_hf(tensors, config) -> {hf_name: array}            exactly the config's tensors, checked
+    hf_to_jax(tensors, config, scan_layers=False) -> params  nested dict, nnx pure-dict layout
+    jax_to_hf(params, config) -> {hf_name: array}            per-layer or stacked params
+    load_jax(path) -> (ModelConfig, params)                  orbax checkpoint + config.json
+    save_jax(dst, config, params, tokenizer=None, dtype=None)
+    read_checkpoint(path) -> (ModelConfig, {hf_name: array}) either format, detected
+
+Every writer fills a temporary directory renamed into place at the end (hammer.fsio), so a
+failure leaves no DST. Bad input raises ConvertError (a ValueError) naming the tensor or field.
+"""
+from convert.hf import TokenizerFiles, is_hf_dir, load_hf, save_hf, strip_wrapper_prefixes
+from convert.jax_checkpoint import is_jax_dir, load_jax, save_jax
+from convert.mapping import TABLE, ConvertError, check_hf, hf_to_jax, jax_to_hf, tensors
+
+
+def read_checkpoint(path) -> tuple:
+    """(config, HF-named tensors) from an HF or a hammer JAX directory."""
+    if is_jax_dir(path):
+        config, params = load_jax(path)
+        return config, jax_to_hf(params, config)
+    return load_hf(path)
+
+
+__all__ = ["TABLE", "ConvertError", "TokenizerFiles", "check_hf", "hf_to_jax", "is_hf_dir",
+           "is_jax_dir", "jax_to_hf", "load_hf", "load_jax", "read_checkpoint", "save_hf",
+           "save_jax", "strip_wrapper_prefixes", "tensors"]

@@ -1,0 +1,50 @@
+"""`hammer convert SRC DST --to FORMAT`: SRC's format (HF or hammer JAX) is detected.
+
+Every target is one writer taking HF-named tensors, so a new format is one entry in TARGETS.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from convert import check_hf, hf_to_jax, read_checkpoint, save_hf, save_jax
+from convert.hf import DTYPES, TokenizerFiles
+
+
+def write_hf(dst, config, tensors, *, tokenizer, dtype):
+    save_hf(dst, config, tensors, tokenizer=tokenizer, dtype=dtype)
+
+
+def write_jax(dst, config, tensors, *, tokenizer, dtype):
+    save_jax(dst, config, hf_to_jax(tensors, config), tokenizer=tokenizer, dtype=dtype)
+
+
+# name -> writer(dst, config, checked HF-named tensors, *, tokenizer, dtype)
+TARGETS = {"hf": write_hf, "jax": write_jax}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="convert checkpoints between HF, JAX and torch formats",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("src", type=Path, help="an HF model directory or a hammer JAX directory")
+    p.add_argument("dst", type=Path, help="output directory (must not exist)")
+    p.add_argument("--to", required=True, choices=sorted(TARGETS), help="output format")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights (default: keep)")
+    p.add_argument("--tokenizer", type=Path,
+                   help="tokenizer directory to include (default: SRC's own tokenizer files)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.dst.exists():  # before reading what may be gigabytes
+        raise FileExistsError(f"output {args.dst} already exists; choose a new path or remove it")
+    config, tensors = read_checkpoint(args.src)
+    tensors = check_hf(tensors, config)
+    if args.tokenizer is not None:
+        from hammer.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+    else:
+        tokenizer = TokenizerFiles(args.src) or None
+    TARGETS[args.to](args.dst, config, tensors, tokenizer=tokenizer, dtype=args.dtype)
+    print(f"wrote {args.to} checkpoint to {args.dst}")

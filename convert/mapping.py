@@ -1,0 +1,183 @@
+"""The one table between HF `LlamaForCausalLM` tensor names and hammer_jax parameter paths.
+
+Both directions run from it. Every source shape is checked against the config, and any tensor
+that is missing, unexpected, duplicated or unmapped fails naming the tensor.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from hammer.config import ModelConfig
+
+
+class ConvertError(ValueError):
+    """A checkpoint that does not match its config or the Llama layout."""
+
+
+# Shapes use one letter per size: V vocab, E hidden, H heads, K kv heads, D head dim, M mlp;
+# "HD" is H*D. Transposed tensors are HF's [out, in] Linear weights, stored [in, out] in JAX and
+# then reshaped so heads keep their own axis. `{}` is the layer index.
+#   HF name                                      JAX path                       HF      JAX    transpose
+TABLE = (
+    ("model.embed_tokens.weight",                "embed_tokens.embedding",      "V E",  "V E",   False),
+    ("model.layers.{}.input_layernorm.weight",   "layers.{}.input_layernorm.scale", "E", "E",   False),
+    ("model.layers.{}.self_attn.q_proj.weight",  "layers.{}.self_attn.q_proj.kernel", "HD E", "E H D", True),
+    ("model.layers.{}.self_attn.k_proj.weight",  "layers.{}.self_attn.k_proj.kernel", "KD E", "E K D", True),
+    ("model.layers.{}.self_attn.v_proj.weight",  "layers.{}.self_attn.v_proj.kernel", "KD E", "E K D", True),
+    ("model.layers.{}.self_attn.o_proj.weight",  "layers.{}.self_attn.o_proj.kernel", "E HD", "H D E", True),
+    ("model.layers.{}.post_attention_layernorm.weight", "layers.{}.post_attention_layernorm.scale", "E", "E", False),
+    ("model.layers.{}.mlp.gate_proj.weight",     "layers.{}.mlp.gate_proj.kernel", "M E", "E M",  True),
+    ("model.layers.{}.mlp.up_proj.weight",       "layers.{}.mlp.up_proj.kernel",   "M E", "E M",  True),
+    ("model.layers.{}.mlp.down_proj.weight",     "layers.{}.mlp.down_proj.kernel", "E M", "M E",  True),
+    ("model.norm.weight",                        "norm.scale",                  "E",    "E",     False),
+    ("lm_head.weight",                           "lm_head.kernel",              "V E",  "E V",   True),
+)
+# Buffers older transformers saved beside the weights; recomputed, never loaded.
+DROPPED = ("model.layers.{}.self_attn.rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class Tensor:
+    hf: str
+    jax: tuple[str | int, ...]
+    hf_shape: tuple[int, ...]
+    jax_shape: tuple[int, ...]
+    transpose: bool
+
+    def to_jax(self, x: np.ndarray) -> np.ndarray:
+        _check_shape(self.hf, x, self.hf_shape)
+        return np.ascontiguousarray((x.T if self.transpose else x).reshape(self.jax_shape))
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        _check_shape(_dotted(self.jax), x, self.jax_shape)
+        if self.transpose:
+            return np.ascontiguousarray(x.reshape(self.hf_shape[::-1]).T)
+        return np.ascontiguousarray(x.reshape(self.hf_shape))
+
+
+def tensors(config: ModelConfig) -> list[Tensor]:
+    """Every tensor the config's Llama has, each layer's entries spelled out."""
+    c = config
+    sizes = {"V": c.vocab_size, "E": c.hidden_size, "H": c.num_heads, "K": c.num_kv_heads,
+             "D": c.head_dim, "M": c.intermediate_size}
+
+    def shape(spec):
+        return tuple(int(np.prod([sizes[ch] for ch in dim])) for dim in spec.split())
+
+    out = []
+    for hf, jax_path, hf_spec, jax_spec, transpose in TABLE:
+        if hf == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        for i in range(c.num_layers) if "{}" in hf else [None]:
+            path = tuple(i if part == "{}" else part for part in jax_path.split("."))
+            out.append(Tensor(hf.format(i), path, shape(hf_spec), shape(jax_spec), transpose))
+    return out
+
+
+def check_hf(hf_tensors: Mapping[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
+    """Exactly the tensors the config's Llama has, in table order, each shape checked. Buffers
+    older transformers saved and a tied head that equals the embedding are dropped."""
+    hf_tensors = dict(hf_tensors)
+    _drop_tied_head(hf_tensors, config)
+    expected = tensors(config)
+    _check_names(set(hf_tensors) - _dropped_names(hf_tensors), {t.hf for t in expected}, "HF")
+    for t in expected:
+        _check_shape(t.hf, hf_tensors[t.hf], t.hf_shape)
+    return {t.hf: hf_tensors[t.hf] for t in expected}
+
+
+def hf_to_jax(hf_tensors: Mapping[str, np.ndarray], config: ModelConfig,
+              scan_layers: bool = False) -> dict[str, Any]:
+    """HF name -> array to hammer_jax's nested param dict (`nnx.State.to_pure_dict()` layout).
+    With `scan_layers` each layer entry is stacked over a leading layer axis."""
+    hf_tensors = check_hf(hf_tensors, config)
+    params: dict[str, Any] = {}
+    for t in tensors(config):
+        _set(params, t.jax, t.to_jax(np.asarray(hf_tensors[t.hf])))
+    if scan_layers:
+        layers = [params["layers"][i] for i in range(config.num_layers)]
+        params["layers"] = map_leaves(lambda *xs: np.stack(xs), *layers)
+    return params
+
+
+def jax_to_hf(params: Mapping[str, Any], config: ModelConfig) -> dict[str, np.ndarray]:
+    """hammer_jax's nested param dict, stacked or per-layer (keys int or str), to HF names."""
+    params = dict(params)
+    layers = params.get("layers", {})
+    if layers and not all(str(k).isdigit() for k in layers):  # stacked: split the layer axis
+        params["layers"] = {i: map_leaves(lambda x: _layer(x, i, config), layers)
+                            for i in range(config.num_layers)}
+    else:
+        params["layers"] = {int(k): v for k, v in layers.items()}
+    flat = dict(_flatten(params))
+    expected = tensors(config)
+    _check_names(set(flat), {t.jax for t in expected}, "JAX", name=_dotted)
+    return {t.hf: t.to_hf(np.asarray(flat[t.jax])) for t in expected}
+
+
+def _drop_tied_head(hf_tensors: dict[str, np.ndarray], config: ModelConfig) -> None:
+    """Some exporters save a tied head anyway; it must be the embedding, then it is redundant."""
+    head = hf_tensors.get("lm_head.weight")
+    embed = hf_tensors.get("model.embed_tokens.weight")
+    if config.tie_word_embeddings and head is not None and embed is not None:
+        if head.shape != embed.shape or not np.array_equal(head, embed):
+            raise ConvertError("lm_head.weight differs from model.embed_tokens.weight although "
+                               "tie_word_embeddings is true")
+        del hf_tensors["lm_head.weight"]
+
+
+def _dropped_names(hf_tensors) -> set[str]:
+    patterns = [re.compile(re.escape(p).replace(r"\{\}", r"\d+") + "$") for p in DROPPED]
+    return {n for n in hf_tensors if any(p.match(n) for p in patterns)}
+
+
+def _check_names(got: set, want: set, kind: str, name=str) -> None:
+    missing, unexpected = sorted(want - got, key=str), sorted(got - want, key=str)
+    if missing:
+        raise ConvertError(f"missing {kind} tensor {name(missing[0])}"
+                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise ConvertError(f"unexpected {kind} tensor {name(unexpected[0])}"
+                           + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+
+
+def _check_shape(name: str, x: np.ndarray, shape: tuple[int, ...]) -> None:
+    if tuple(x.shape) != shape:
+        raise ConvertError(f"tensor {name} has shape {tuple(x.shape)}, expected {shape}")
+
+
+def _layer(x, i: int, config: ModelConfig):
+    if x.shape[:1] != (config.num_layers,):
+        raise ConvertError(f"stacked layer parameter has shape {tuple(x.shape)}, expected a "
+                           f"leading axis of num_layers={config.num_layers}")
+    return x[i]
+
+
+def _dotted(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _flatten(tree, prefix=()):
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def map_leaves(fn, *trees):
+    """fn over the leaves of nested dicts of one structure."""
+    first = trees[0]
+    if isinstance(first, Mapping):
+        return {k: map_leaves(fn, *(t[k] for t in trees)) for k in first}
+    return fn(*trees)

@@ -1,0 +1,243 @@
+"""Llama in Flax NNX, numerically the model transformers' `LlamaForCausalLM` computes.
+
+Module and parameter names follow HF (embed_tokens, layers, self_attn.q_proj, mlp.gate_proj,
+input_layernorm, post_attention_layernorm, norm, lm_head), so `convert/` is one readable table.
+Projections keep heads as their own axis (q_proj kernel [embed, heads, head_dim]) so every
+parameter carries logical axis names (vocab, embed, heads, kv_heads, head_dim, mlp, layers) in
+flax's `out_sharding` metadata; `hammer_jax.sharding` maps them onto a mesh. RoPE uses HF's
+rotate_half layout, so no q/k permutation exists anywhere. With `scan_layers=True` the decoder
+layers are one module with stacked parameters (leading "layers" axis), run with `nnx.scan`:
+one compiled layer instead of `num_layers`, the usual choice for deep models on TPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hammer.config import ModelConfig
+
+ATTENTION_IMPLS = ("xla", "cudnn", "reference")
+
+
+def _init(config: ModelConfig, axes: tuple[str, ...]) -> nnx.Initializer:
+    """HF's initializer, tagged with logical axes. Not sharded eagerly: placing parameters on a
+    mesh is `hammer_jax.sharding`'s job, and a model must build without one."""
+    return nnx.with_partitioning(nnx.initializers.normal(config.initializer_range), axes,
+                                 eager_sharding=False)
+
+
+def default_attention_impl(dtype) -> str:
+    """cuDNN flash attention on GPUs, which runs only half-precision inputs; XLA elsewhere."""
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"
+
+
+def attention(q, k, v, mask, impl: str):
+    """q [b, t, heads, d], k/v [b, s, kv_heads, d] -> [b, t, heads, d]; grouped-query heads
+    share K/V without copies. mask [t, s] (True = attend) or None for causal with t == s."""
+    if impl == "reference":
+        return reference_attention(q, k, v, mask)
+    if mask is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    # cuDNN takes no arbitrary mask; decoding against a cache is memory-bound, so XLA loses little.
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], implementation="xla")
+
+
+def reference_attention(q, k, v, mask):
+    """Plain einsum softmax attention in float32, the yardstick for the kernels."""
+    b, t, heads, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, heads // kv_heads, d).astype(jnp.float32)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(jnp.float32)) / jnp.sqrt(d)
+    if mask is None:
+        mask = jnp.tril(jnp.ones((t, k.shape[1]), bool))
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    out = jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(logits, axis=-1), v.astype(jnp.float32))
+    return out.reshape(b, t, heads, d).astype(v.dtype)
+
+
+def rope(positions, head_dim: int, theta: float):
+    """cos, sin [t, head_dim] in float32, HF's layout: frequencies repeated over both halves."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """x [b, t, heads, d] rotated by position, computed in float32 (HF's rotate_half)."""
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (xf * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Normalized in float32 whatever the compute dtype: bf16 squares lose the small features.
+    Written out rather than nnx.RMSNorm to pin HF's exact order of operations."""
+
+    def __init__(self, size: int, eps: float, *, dtype, param_dtype):
+        self.scale = nnx.Param(jnp.ones((size,), param_dtype), out_sharding=("embed",),
+                               eager_sharding=False)
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs, dtype, param_dtype, impl: str):
+        e, h, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+
+        def proj(spec, shape, axes):
+            return nnx.Einsum(spec, shape, dtype=dtype, param_dtype=param_dtype,
+                              kernel_init=_init(config, axes), rngs=rngs)
+
+        self.q_proj = proj("bse,ehd->bshd", (e, h, d), ("embed", "heads", "head_dim"))
+        self.k_proj = proj("bse,ehd->bshd", (e, kv, d), ("embed", "kv_heads", "head_dim"))
+        self.v_proj = proj("bse,ehd->bshd", (e, kv, d), ("embed", "kv_heads", "head_dim"))
+        self.o_proj = proj("bshd,hde->bse", (h, d, e), ("heads", "head_dim", "embed"))
+        self.impl = impl
+
+    def __call__(self, x, cos, sin, kv=None, length=None):
+        """x [b, t, embed]. With `kv` = (keys, values) [b, max_len, kv_heads, d], the t new
+        tokens sit at positions length.., are written into the cache and attend to all of it."""
+        q = apply_rope(self.q_proj(x), cos, sin)
+        k = apply_rope(self.k_proj(x), cos, sin)
+        v = self.v_proj(x)
+        if kv is None:
+            return self.o_proj(attention(q, k, v, None, self.impl)), None
+        keys, values = kv
+        start = (0, length, 0, 0)
+        keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), start)
+        values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), start)
+        t, max_len = x.shape[1], keys.shape[1]
+        mask = jnp.arange(max_len)[None, :] <= length + jnp.arange(t)[:, None]
+        out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask, self.impl)
+        return self.o_proj(out), (keys, values)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs, dtype, param_dtype):
+        e, m = config.hidden_size, config.intermediate_size
+
+        def linear(n_in, n_out, axes):
+            return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                              kernel_init=_init(config, axes), rngs=rngs)
+
+        self.gate_proj = linear(e, m, ("embed", "mlp"))
+        self.up_proj = linear(e, m, ("embed", "mlp"))
+        self.down_proj = linear(m, e, ("mlp", "embed"))
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs, dtype, param_dtype, impl: str):
+        norm = functools.partial(RMSNorm, config.hidden_size, config.rms_norm_eps,
+                                 dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = norm()
+        self.self_attn = Attention(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                   impl=impl)
+        self.post_attention_layernorm = norm()
+        self.mlp = MLP(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x, cos, sin, kv=None, length=None):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, kv, length)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["keys", "values", "length"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    keys: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    values: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    length: jax.Array  # int32 scalar: tokens cached so far, shared by the batch
+
+
+class Llama(nnx.Module):
+    """Token ids [b, s] -> logits [b, s, vocab]. `features` and `head` split the call so a
+    trainer can compute a chunked cross-entropy without materializing all logits at once."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, attention_impl: str | None = None,
+                 scan_layers: bool = False):
+        impl = attention_impl or default_attention_impl(dtype)
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl {impl!r} is not one of {ATTENTION_IMPLS}")
+        self.config, self.dtype, self.scan_layers = config, dtype, scan_layers
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **kw,
+                                      embedding_init=_init(config, ("vocab", "embed")), rngs=rngs)
+        if scan_layers:
+            @nnx.split_rngs(splits=config.num_layers)
+            @nnx.vmap(axis_size=config.num_layers, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def stacked(rngs):
+                return DecoderLayer(config, rngs=rngs, impl=impl, **kw)
+
+            self.layers = stacked(rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(config, rngs=rngs, impl=impl, **kw)
+                                    for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
+            config.hidden_size, config.vocab_size, use_bias=False, **kw,
+            kernel_init=_init(config, ("embed", "vocab")), rngs=rngs)
+
+    def __call__(self, input_ids):
+        return self.head(self.features(input_ids))
+
+    def features(self, input_ids):
+        """[b, s] -> final-norm hidden states [b, s, embed]."""
+        x, _ = self._decoder(input_ids, jnp.arange(input_ids.shape[1]), None)
+        return x
+
+    def head(self, features):
+        """[..., embed] -> logits [..., vocab] in the compute dtype."""
+        if self.lm_head is None:
+            return self.embed_tokens.attend(features)
+        return self.lm_head(features)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+        c = self.config
+        shape = (c.num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim)
+        zeros = jnp.zeros(shape, dtype or self.dtype)
+        return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
+
+    def decode(self, input_ids, cache: KVCache):
+        """Runs t new tokens [b, t] at positions cache.length.., attending causally to the
+        cached and new tokens -> (logits [b, t, vocab], cache advanced by t). Prefill is one
+        call with the prompt. The caller keeps cache.length + t <= max_len."""
+        positions = cache.length + jnp.arange(input_ids.shape[1])
+        x, (keys, values) = self._decoder(input_ids, positions, cache)
+        return self.head(x), KVCache(keys, values, cache.length + input_ids.shape[1])
+
+    def _decoder(self, input_ids, positions, cache: KVCache | None):
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta)
+        length = None if cache is None else cache.length
+        kv = None if cache is None else (cache.keys, cache.values)
+        if self.scan_layers:
+            @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+            def run(x, layer, kv):
+                return layer(x, cos, sin, kv, length)
+
+            x, kv = run(x, self.layers, kv)
+        else:
+            for i, layer in enumerate(self.layers):
+                if kv is None:
+                    x, _ = layer(x, cos, sin)
+                else:
+                    x, (k, v) = layer(x, cos, sin, (kv[0][i], kv[1][i]), length)
+                    kv = (kv[0].at[i].set(k), kv[1].at[i].set(v))
+        return self.norm(x), kv

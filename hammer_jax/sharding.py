@@ -1,0 +1,83 @@
+"""Placing the Llama's parameters on a device mesh from their logical axis names.
+
+One table maps each logical weight axis to a mesh axis (MaxText's idea, without its hundred
+order-dependent rules). Mesh axes: "data" (pure data parallel, weights replicated), "fsdp"
+(data parallel with weights sharded over "embed", ZeRO-3 style) and "tensor" (Megatron-style
+tensor parallel over heads and the MLP). Activations are left to XLA's propagation.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+RULES: Mapping[str, str | None] = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "layers": None,  # every device runs every layer; pipeline stages would shard this
+}
+
+
+def make_mesh(axis_sizes: Mapping[str, int]) -> Mesh:
+    """A mesh over all devices, e.g. {"data": 2, "fsdp": 2, "tensor": 2}; -1 takes the rest."""
+    sizes = dict(axis_sizes)
+    unknown = set(sizes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh axes {sorted(unknown)} are not among {MESH_AXES}")
+    sizes = {axis: sizes.get(axis, 1) for axis in MESH_AXES}
+    if -1 in sizes.values():
+        rest = jax.device_count() // math.prod(s for s in sizes.values() if s != -1)
+        sizes = {axis: rest if s == -1 else s for axis, s in sizes.items()}
+    return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def logical_to_spec(names, rules: Mapping[str, str | None] = RULES) -> PartitionSpec:
+    """Logical axis names -> PartitionSpec; two axes of one array on one mesh axis is an error."""
+    spec = []
+    for name in names:
+        if name is not None and name not in rules:
+            raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
+        axis = None if name is None else rules[name]
+        if axis is not None and axis in spec:
+            raise ValueError(f"logical axes {tuple(names)} put mesh axis {axis!r} on two dimensions")
+        spec.append(axis)
+    return PartitionSpec(*spec)
+
+
+def param_sharding(variable: nnx.Variable, mesh: Mesh, rules=RULES) -> NamedSharding:
+    """The NamedSharding of one parameter. A dimension its mesh axis does not divide (one KV
+    head on a 2-way tensor axis) is replicated rather than refused."""
+    names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
+    spec = [axis if axis is None or size % mesh.shape[axis] == 0 else None
+            for axis, size in zip(logical_to_spec(names, rules), variable.shape)]
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def model_shardings(model: nnx.Module, mesh: Mesh, rules=RULES) -> nnx.State:
+    """The model's state with each Variable replaced by its NamedSharding."""
+    return jax.tree.map(lambda v: param_sharding(v, mesh, rules), nnx.state(model),
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def init_sharded(make_model: Callable[[], nnx.Module], mesh: Mesh, rules=RULES) -> nnx.Module:
+    """Builds `make_model()` with every parameter created directly in its shard, so no device
+    ever holds the whole model."""
+    abstract = nnx.eval_shape(make_model)
+    graphdef, _ = nnx.split(abstract)
+    shardings = model_shardings(abstract, mesh, rules)
+    state = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def shard(model: nnx.Module, mesh: Mesh, rules=RULES) -> nnx.Module:
+    """Moves an existing model's parameters (e.g. from `from_pretrained`) onto the mesh."""
+    nnx.update(model, jax.device_put(nnx.state(model), model_shardings(model, mesh, rules)))
+    return model

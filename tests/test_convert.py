@@ -1,0 +1,290 @@
+"""HF <-> JAX conversion: transformers' logits reproduced, round trips exact, bad input refused.
+
+Each HF model is built once per module (random LlamaForCausalLM -> save_pretrained) and goes
+through `hammer convert` as a user runs it.
+"""
+import json
+import shutil
+from types import SimpleNamespace
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import save_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import convert
+from hammer.cli import main
+from hammer_jax import from_pretrained
+
+# Distinct, prime-ish sizes: a transposed or mis-reshaped weight cannot pass by symmetry.
+CONFIGS = {
+    "mha-tied": dict(vocab_size=1013, hidden_size=56, intermediate_size=92, num_attention_heads=4,
+                     num_key_value_heads=4, tie_word_embeddings=True),
+    "gqa4-theta500k": dict(vocab_size=1013, hidden_size=96, intermediate_size=136,
+                           num_attention_heads=8, num_key_value_heads=2, rope_theta=500000.0),
+    "gqa8": dict(vocab_size=389, hidden_size=80, intermediate_size=116, num_attention_heads=8,
+                 num_key_value_heads=1),
+}
+MEASURED = {}  # max-abs differences, printed at the end of the module (pytest -s)
+forward = nnx.jit(lambda model, ids: model(ids))
+
+
+def build_hf(tmp_path_factory, name, **overrides):
+    torch.manual_seed(sum(map(ord, name)))
+    hf_config = LlamaConfig(**CONFIGS[name], num_hidden_layers=2, initializer_range=0.1,
+                            max_position_embeddings=64, attn_implementation="eager", **overrides)
+    model = LlamaForCausalLM(hf_config).eval()
+    with torch.no_grad():  # norms at 1 would hide a lost or misplaced scale
+        for param_name, p in model.named_parameters():
+            if param_name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp(name) / "hf"
+    model.save_pretrained(path)
+    ids = torch.randint(0, hf_config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids).logits.numpy()
+    return SimpleNamespace(name=name, path=path, model=model, ids=ids.numpy(), logits=logits)
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def hf(request, tmp_path_factory):
+    return build_hf(tmp_path_factory, request.param)
+
+
+@pytest.fixture(scope="module")
+def small_hf(tmp_path_factory):
+    return build_hf(tmp_path_factory, "mha-tied")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_measurements():
+    yield
+    for key, value in sorted(MEASURED.items()):
+        print(f"{key}: {value:.3g}")
+
+
+def hammer(*argv):
+    return main(["convert", *map(str, argv)])
+
+
+def test_jax_logits_equal_transformers_in_float32(hf, tmp_path):
+    assert hammer(hf.path, tmp_path / "jax", "--to", "jax") == 0
+    model = from_pretrained(tmp_path / "jax", attention_impl="xla")
+    diff = float(np.abs(np.asarray(forward(model, jnp.asarray(hf.ids))) - hf.logits).max())
+    MEASURED[f"float32 max-abs |jax - transformers| {hf.name}"] = diff
+    assert diff <= 1e-4, diff
+    assert np.abs(hf.logits).max() > 1  # logits large enough for the bound to mean something
+
+
+def test_scanned_layers_load_from_hf_with_the_same_logits(small_hf):
+    model = from_pretrained(small_hf.path, attention_impl="xla", scan_layers=True)
+    diff = float(np.abs(np.asarray(forward(model, jnp.asarray(small_hf.ids))) - small_hf.logits).max())
+    MEASURED["float32 max-abs |jax scanned - transformers| mha-tied"] = diff
+    assert diff <= 1e-4, diff
+
+
+def test_bfloat16_logits_err_no_more_than_transformers_own_bfloat16(hf):
+    model = from_pretrained(hf.path, dtype=jnp.bfloat16, attention_impl="xla")
+    ours = np.abs(np.asarray(forward(model, jnp.asarray(hf.ids)), np.float32) - hf.logits).max()
+    with torch.no_grad():
+        theirs_logits = LlamaForCausalLM.from_pretrained(hf.path, dtype=torch.bfloat16)(
+            torch.as_tensor(hf.ids)).logits.float().numpy()
+    theirs = np.abs(theirs_logits - hf.logits).max()
+    MEASURED[f"bfloat16 max-abs |jax - transformers f32| {hf.name}"] = float(ours)
+    MEASURED[f"bfloat16 max-abs |transformers bf16 - f32| {hf.name}"] = float(theirs)
+    # Both round weights and activations to 8 mantissa bits; ours keeps RMSNorm and RoPE in
+    # float32, so it should be no worse than transformers' own bfloat16 run (1.5x for luck of
+    # the draw in which roundings line up).
+    assert ours <= 1.5 * theirs, (ours, theirs)
+
+
+def test_hf_to_jax_to_hf_gives_the_source_tensors_and_transformers_loads_them(hf, tmp_path):
+    assert hammer(hf.path, tmp_path / "jax", "--to", "jax") == 0
+    assert hammer(tmp_path / "jax", tmp_path / "hf", "--to", "hf") == 0
+    config, source = convert.load_hf(hf.path)
+    config_back, back = convert.load_hf(tmp_path / "hf")
+    assert config_back == config and sorted(back) == sorted(source)
+    for name in source:
+        assert back[name].dtype == source[name].dtype and np.array_equal(back[name], source[name]), name
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True,
+                                                       attn_implementation="eager")
+    assert not any(info.values()), info
+    with torch.no_grad():
+        assert torch.equal(model(torch.as_tensor(hf.ids)).logits,
+                           hf.model(torch.as_tensor(hf.ids)).logits)
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == 2
+
+
+def random_params(config, dtype, scan_layers):
+    rng = np.random.default_rng(7)
+    hf = {t.hf: rng.normal(size=t.hf_shape).astype(dtype) for t in convert.tensors(config)}
+    return convert.hf_to_jax(hf, config, scan_layers)
+
+
+@pytest.mark.parametrize("dtype,scan_layers", [(np.float32, False), (ml_dtypes.bfloat16, True)],
+                         ids=["float32-list", "bfloat16-scan"])
+def test_jax_to_hf_to_jax_is_bit_identical(small_hf, tmp_path, dtype, scan_layers):
+    config = convert.load_hf(small_hf.path)[0]
+    params = random_params(config, dtype, scan_layers)
+    convert.save_jax(tmp_path / "a", config, params)
+    assert hammer(tmp_path / "a", tmp_path / "hf", "--to", "hf") == 0
+    assert hammer(tmp_path / "hf", tmp_path / "b", "--to", "jax") == 0
+    config_back, back = convert.load_jax(tmp_path / "b")
+    assert config_back == config
+    if scan_layers:  # the CLI writes per-layer; stacking again must give the same arrays
+        back = convert.hf_to_jax(convert.jax_to_hf(back, config), config, scan_layers=True)
+    flat = dict(convert.mapping._flatten(params))
+    flat_back = {tuple(int(k) if str(k).isdigit() else k for k in path): x
+                 for path, x in convert.mapping._flatten(back)}
+    assert sorted(flat, key=str) == sorted(flat_back, key=str)
+    for path, x in flat.items():
+        assert flat_back[path].dtype == x.dtype and np.array_equal(flat_back[path], x), path
+
+
+def test_dtype_option_writes_bfloat16_that_reads_back_without_torch(small_hf, tmp_path, monkeypatch):
+    assert hammer(small_hf.path, tmp_path / "bf16", "--to", "hf", "--dtype", "bfloat16") == 0
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # any `import torch` now fails
+    _, tensors = convert.load_hf(tmp_path / "bf16")
+    _, source = convert.load_hf(small_hf.path)
+    for name, x in source.items():
+        assert tensors[name].dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(tensors[name], x.astype(ml_dtypes.bfloat16))
+
+
+def test_sharded_safetensors_are_read_and_written_with_an_index(small_hf, tmp_path):
+    small_hf.model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    config, source = convert.load_hf(small_hf.path)
+    _, sharded = convert.load_hf(tmp_path / "sharded")
+    assert sorted(sharded) == sorted(source)
+    assert all(np.array_equal(sharded[n], source[n]) for n in source)
+
+    convert.save_hf(tmp_path / "out", config, source, max_shard_bytes=50_000)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 2 and all((tmp_path / "out" / f).is_file() for f in files)
+    assert index["metadata"]["total_size"] == sum(x.nbytes for x in source.values())
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values()), info
+    assert torch.equal(model.model.norm.weight, small_hf.model.model.norm.weight)
+
+
+def copy_config(src, dst):
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+
+
+def test_pytorch_model_bin_in_bfloat16_with_compile_and_ddp_prefixes_is_read(small_hf, tmp_path):
+    copy_config(small_hf.path, tmp_path / "bin")
+    state = {f"module._orig_mod.{k}": v.to(torch.bfloat16)
+             for k, v in small_hf.model.state_dict().items() if k != "lm_head.weight"}
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    _, tensors = convert.load_hf(tmp_path / "bin")
+    _, source = convert.load_hf(small_hf.path)
+    assert sorted(tensors) == sorted(source)
+    for name, x in source.items():
+        np.testing.assert_array_equal(tensors[name], x.astype(ml_dtypes.bfloat16))
+
+
+def test_prefixed_safetensors_are_stripped_but_a_name_twice_is_refused(small_hf, tmp_path):
+    _, source = convert.load_hf(small_hf.path)
+    copy_config(small_hf.path, tmp_path / "prefixed")
+    save_file({f"_orig_mod.{k}": v for k, v in source.items()},
+              tmp_path / "prefixed" / "model.safetensors")
+    assert sorted(convert.load_hf(tmp_path / "prefixed")[1]) == sorted(source)
+    copy_config(small_hf.path, tmp_path / "twice")
+    save_file({**source, "module.model.norm.weight": source["model.norm.weight"]},
+              tmp_path / "twice" / "model.safetensors")
+    with pytest.raises(convert.ConvertError, match=r"model\.norm\.weight appears twice"):
+        convert.load_hf(tmp_path / "twice")
+
+
+def test_every_config_json_generation_gives_its_rope_theta(tmp_path_factory, tmp_path):
+    hf = build_hf(tmp_path_factory, "gqa4-theta500k")
+    hf_config = json.loads((hf.path / "config.json").read_text())
+    assert hf_config["rope_parameters"]["rope_theta"] == 500000.0  # as transformers 5 writes it
+    transformers4 = {k: v for k, v in hf_config.items() if k != "rope_parameters"}
+    transformers4.update(rope_theta=500000.0, rope_scaling=None)
+    hammerllm = {k: v for k, v in transformers4.items() if k != "rope_theta"}
+    for name, content, theta in [("t5", hf_config, 500000.0), ("t4", transformers4, 500000.0),
+                                 ("hammerllm", hammerllm, 10000.0)]:
+        shutil.copytree(hf.path, tmp_path / name)
+        (tmp_path / name / "config.json").write_text(json.dumps(content))
+        model = from_pretrained(tmp_path / name, attention_impl="xla")
+        assert model.config.rope_theta == theta
+        diff = np.abs(np.asarray(forward(model, jnp.asarray(hf.ids))) - hf.logits).max()
+        assert (diff <= 1e-4) == (theta == 500000.0), (name, diff)
+
+
+def test_tokenizer_files_of_the_source_are_carried_through_both_formats(small_hf, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(small_hf.path, src)
+    (src / "tokenizer.model").write_bytes(b"\x00sentencepiece model bytes\xff")
+    (src / "tokenizer_config.json").write_text('{"add_bos_token": true}')
+    assert hammer(src, tmp_path / "jax", "--to", "jax") == 0
+    assert hammer(tmp_path / "jax", tmp_path / "hf", "--to", "hf") == 0
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        assert (tmp_path / "hf" / name).read_bytes() == (src / name).read_bytes()
+
+
+def test_tokenizer_option_writes_the_given_tokenizer(small_hf, tmp_path, hammerllm_dir):
+    assert hammer(small_hf.path, tmp_path / "hf", "--to", "hf",
+                  "--tokenizer", hammerllm_dir / "tokenizer") == 0
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (
+        hammerllm_dir / "tokenizer" / "tokenizer.model").read_bytes()
+
+
+def break_checkpoint(src, dst, *, config=(), tensors=(), drop_config=False):
+    """A copy of HF directory `src` with config.json keys and tensors set (None: removed)."""
+    dst.mkdir()
+    hf_config = json.loads((src / "config.json").read_text())
+    weights = convert.load_hf(src)[1]
+    for changes, target in [(dict(config), hf_config), (dict(tensors), weights)]:
+        for key, value in changes.items():
+            target[key] = value
+            if value is None:
+                del target[key]
+    if not drop_config:
+        (dst / "config.json").write_text(json.dumps(hf_config))
+    save_file(weights, dst / "model.safetensors")
+
+
+BAD_INPUTS = {
+    "missing config.json": (dict(drop_config=True), "no config.json at"),
+    "wrong shape": (dict(tensors={"model.layers.1.mlp.up_proj.weight": np.zeros((56, 92), np.float32)}),
+                    "model.layers.1.mlp.up_proj.weight has shape (56, 92), expected (92, 56)"),
+    "missing tensor": (dict(tensors={"model.layers.0.self_attn.k_proj.weight": None}),
+                       "missing HF tensor model.layers.0.self_attn.k_proj.weight"),
+    "unexpected tensor": (dict(tensors={"model.layers.0.self_attn.q_norm.weight": np.ones(14, np.float32)}),
+                          "unexpected HF tensor model.layers.0.self_attn.q_norm.weight"),
+    "unknown architecture": (dict(config={"architectures": ["MistralForCausalLM"]}), "architectures"),
+    "vocab_size disagrees": (dict(config={"vocab_size": 1000}),
+                             "vocab_size 1000 disagrees with model.embed_tokens.weight"),
+}
+
+
+@pytest.mark.parametrize("to", ["jax", "hf"])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_naming_it_with_nonzero_exit_and_no_output(small_hf, tmp_path,
+                                                                         capsys, case, to):
+    changes, message = BAD_INPUTS[case]
+    break_checkpoint(small_hf.path, tmp_path / "src", **changes)
+    capsys.readouterr()
+    assert hammer(tmp_path / "src", tmp_path / "out" / "dst", "--to", to) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out" / "dst").exists()
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_an_existing_destination_is_never_overwritten(small_hf, tmp_path, capsys):
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "mine.txt").write_text("keep")
+    assert hammer(small_hf.path, tmp_path / "dst", "--to", "hf") == 2
+    assert "already exists" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "dst").iterdir()] == ["mine.txt"]

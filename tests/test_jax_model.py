@@ -1,0 +1,166 @@
+"""The Flax Llama on its own: kernels agree, layouts agree, the cache reproduces the forward,
+every parameter is named for sharding. Parity with transformers is in test_convert.py."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hammer.config import ModelConfig
+import convert
+from hammer_jax import Llama, model_from_params, params_of
+from tests.conftest import REPO
+
+# Prime-ish sizes so that a transposed or mis-reshaped weight cannot pass by symmetry.
+GQA = ModelConfig(vocab_size=1013, hidden_size=96, intermediate_size=136, num_layers=2,
+                  num_heads=8, num_kv_heads=2, rope_theta=500000.0)
+TIED = ModelConfig(vocab_size=389, hidden_size=56, intermediate_size=92, num_layers=2,
+                   num_heads=4, num_kv_heads=4, tie_word_embeddings=True)
+LOGICAL_AXES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers"}
+
+
+def tokens(config, shape, seed=0):
+    return jax.random.randint(jax.random.key(seed), shape, 0, config.vocab_size)
+
+
+def random_model(config, seed=0, **options):
+    """Random weights drawn by numpy, so that tests compile no initializer."""
+    rng = np.random.default_rng(seed)
+    hf = {t.hf: rng.normal(0, 0.05, t.hf_shape).astype(np.float32) for t in convert.tensors(config)}
+    hf.update({t.hf: 1 + rng.normal(0, 0.1, t.hf_shape).astype(np.float32)
+               for t in convert.tensors(config) if t.hf.endswith("norm.weight")})
+    params = convert.hf_to_jax(hf, config, options.get("scan_layers", False))
+    return model_from_params(config, params, **options)
+
+
+forward = nnx.jit(lambda model, ids: model(ids))
+decode = nnx.jit(lambda model, ids, cache: model.decode(ids, cache))
+
+
+@pytest.fixture(scope="module", params=[GQA, TIED], ids=["gqa", "tied"])
+def model(request):
+    return random_model(request.param, attention_impl="xla")
+
+
+def test_xla_attention_equals_the_einsum_reference(model):
+    ids = tokens(model.config, (2, 17))
+    reference = model_from_params(model.config, params_of(model), attention_impl="reference")
+    diff = jnp.abs(forward(model, ids) - forward(reference, ids)).max()
+    assert diff < 1e-5, diff
+
+
+def test_logits_have_batch_sequence_vocab_shape_and_head_of_features_is_the_call(model):
+    ids = tokens(model.config, (3, 5))
+    logits = forward(model, ids)
+    assert logits.shape == (3, 5, model.config.vocab_size)
+    features = nnx.jit(lambda m, ids: m.features(ids))(model, ids)
+    assert features.shape == (3, 5, model.config.hidden_size)
+    np.testing.assert_allclose(nnx.jit(lambda m, f: m.head(f))(model, features), logits, atol=1e-6)
+
+
+def test_scanned_layers_compute_the_same_logits_as_a_layer_list(model):
+    stacked = convert.hf_to_jax(convert.jax_to_hf(params_of(model), model.config), model.config,
+                                scan_layers=True)
+    scanned = model_from_params(model.config, stacked, attention_impl="xla", scan_layers=True)
+    assert scanned.layers.self_attn.q_proj.kernel.shape[0] == model.config.num_layers
+    ids = tokens(model.config, (2, 9))
+    assert jnp.abs(forward(scanned, ids) - forward(model, ids)).max() < 1e-5
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["list", "scan"])
+def test_prefill_then_single_token_steps_reproduce_the_full_forward(scan_layers):
+    config = GQA
+    model = random_model(config, seed=1, attention_impl="xla", scan_layers=scan_layers)
+    ids = tokens(config, (2, 12), seed=3)
+    cache = model.init_cache(batch_size=2, max_len=16)
+    logits, cache = decode(model, ids[:, :7], cache)
+    steps = [logits]
+    for t in range(7, 12):
+        logits, cache = decode(model, ids[:, t:t + 1], cache)
+        steps.append(logits)
+    assert int(cache.length) == 12
+    diff = jnp.abs(jnp.concatenate(steps, axis=1) - forward(model, ids)).max()
+    assert diff < 1e-5, diff
+
+
+def test_cached_decoding_with_the_reference_kernel_matches_too():
+    model = random_model(TIED, seed=2, attention_impl="reference")
+    ids = tokens(TIED, (1, 6), seed=4)
+    cache = model.init_cache(1, 8)
+    first, cache = decode(model, ids[:, :4], cache)
+    rest, cache = decode(model, ids[:, 4:], cache)
+    assert jnp.abs(jnp.concatenate([first, rest], 1) - forward(model, ids)).max() < 1e-5
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["list", "scan"])
+def test_every_parameter_carries_logical_axis_names_one_per_dimension(scan_layers):
+    model = nnx.eval_shape(lambda: Llama(GQA, rngs=nnx.Rngs(0), scan_layers=scan_layers))
+    params = nnx.state(model, nnx.Param)
+    leaves = jax.tree_util.tree_leaves_with_path(
+        params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    assert len(leaves) == 3 + 9 * (1 if scan_layers else GQA.num_layers)
+    for path, p in leaves:
+        names = p.get_metadata()["out_sharding"]
+        assert len(names) == len(p.shape) and set(names) <= LOGICAL_AXES, (path, names)
+        stacked = scan_layers and path[0].key == "layers"
+        assert (names[0] == "layers") == stacked and names.count("layers") == stacked, (path, names)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    model = random_model(GQA, attention_impl="xla")
+    bf16 = model_from_params(GQA, params_of(model), dtype=jnp.bfloat16,
+                             param_dtype=jnp.bfloat16, attention_impl="xla")
+    ids = tokens(GQA, (2, 11))
+    reference, logits = forward(model, ids), forward(bf16, ids)
+    assert logits.dtype == jnp.bfloat16
+    # bf16 keeps 8 mantissa bits (relative rounding 2^-9); a few roundings per layer stack up.
+    assert jnp.abs(logits.astype(jnp.float32) - reference).max() < 0.02 * jnp.abs(reference).max()
+
+
+def test_unknown_attention_implementation_is_refused_naming_it():
+    with pytest.raises(ValueError, match="'flash'"):
+        Llama(TIED, rngs=nnx.Rngs(0), attention_impl="flash")
+
+
+SHARDED_SCRIPT = """
+import jax, jax.numpy as jnp
+from flax import nnx
+from hammer.config import ModelConfig
+from hammer_jax import Llama, model_from_params, params_of
+from hammer_jax.sharding import make_mesh, init_sharded, logical_to_spec
+config = ModelConfig(vocab_size=1013, hidden_size=96, intermediate_size=136, num_layers=2,
+                     num_heads=8, num_kv_heads=2)
+assert jax.device_count() == 8, jax.devices()
+mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+options = dict(attention_impl="xla", scan_layers=True)
+sharded = init_sharded(lambda: Llama(config, rngs=nnx.Rngs(0), **options), mesh)
+q = sharded.layers.self_attn.q_proj.kernel[...]
+assert tuple(q.sharding.spec)[:3] == (None, "fsdp", "tensor"), q.sharding
+assert q.addressable_shards[0].data.shape == (2, 48, 4, 12), q.addressable_shards[0].data.shape
+plain = model_from_params(config, jax.device_get(params_of(sharded)), **options)
+assert len(plain.layers.self_attn.q_proj.kernel[...].sharding.device_set) == 1
+ids = jax.random.randint(jax.random.key(0), (4, 9), 0, config.vocab_size)
+forward = nnx.jit(lambda m, x: m(x))
+diff = float(jnp.abs(forward(sharded, ids) - forward(plain, ids)).max())
+assert diff < 1e-5, diff
+try:
+    logical_to_spec(("embed", "mlp"), {"embed": "fsdp", "mlp": "fsdp"})
+except ValueError as e:
+    print("collision:", e)
+print("ok")
+"""
+
+
+def test_a_model_sharded_on_eight_devices_gives_the_unsharded_logits():
+    # The fake device count is fixed when jax starts, so this runs in its own interpreter.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(SHARDED_SCRIPT)], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "collision:" in out.stdout and "fsdp" in out.stdout and out.stdout.endswith("ok\n")
