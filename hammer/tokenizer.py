@@ -71,6 +71,7 @@ class Tokenizer:
         self.special = special
         self.parse_special_tokens = parse_special_tokens
         self.name = name
+        self._fingerprint = hashlib.sha256(model_proto).hexdigest()
         self.bos_id = self._token_id(special.bos_token, self._sp.bos_id())
         self.eos_id = self._token_id(special.eos_token, self._sp.eos_id())
         self.unk_id = self._token_id(special.unk_token, self._sp.unk_id())
@@ -117,7 +118,7 @@ class Tokenizer:
     @property
     def fingerprint(self) -> str:
         """sha256 of the tokenizer.model bytes: equal fingerprints encode text into equal pieces."""
-        return hashlib.sha256(self.model_proto).hexdigest()
+        return self._fingerprint
 
     @property
     def sp(self) -> spm.SentencePieceProcessor:
