@@ -1,3 +1,4 @@
+import importlib.util
 import logging
 
 import pytest
@@ -178,3 +179,27 @@ def test_compiled_blocks_equal_uncompiled_and_keep_clean_state_dict_keys():
         got = twin.compile_blocks()(x)
     assert list(twin.state_dict()) == keys and not any("_orig_mod" in k for k in keys)
     assert (got - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("device, dtype, expected", [
+    ("cpu", torch.float32, "sdpa"),
+    ("cuda", torch.float32, "eager"),  # SDPA on CUDA is held to its FlashAttention-2 backend: half only
+    ("cuda", torch.bfloat16, "sdpa"),  # flash_attn first, when the package is installed
+])
+def test_auto_attention_takes_the_first_kernel_that_can_run(device, dtype, expected):
+    from hammer_torch.attention import resolve
+
+    if expected == "sdpa" and device == "cuda" and importlib.util.find_spec("flash_attn"):
+        expected = "flash_attn"
+    assert resolve("auto", torch.device(device), dtype) == expected
+
+
+@pytest.mark.parametrize("impl, device, dtype, message", [
+    ("sdpa", "cuda", torch.float32, "sdpa on CUDA runs only the FlashAttention-2 backend"),
+    ("flash_attn", "cuda", torch.float32, "flash_attn needs CUDA bfloat16/float16 inputs, got cuda torch.float32"),
+])
+def test_explicit_attention_that_cannot_run_is_refused_naming_why(impl, device, dtype, message):
+    from hammer_torch.attention import resolve
+
+    with pytest.raises(AttentionUnavailableError, match=message):
+        resolve(impl, torch.device(device), dtype)
