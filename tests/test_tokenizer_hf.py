@@ -18,6 +18,7 @@ TEXTS = [
     "▁already ▁marked",
     "line1\r\nline2\n\n\n",
     "12345678901234567890 3.14159",
+    "so on.  (Thus\n      (an example",  # SentencePiece merges `▁(` before `▁▁`: by score, not by id
     "Ａ全角１２，。！？「」",
     "😀𠀀 ☃ ᚠᛇᚻ ǅ ﬁ a\u0000b é é",
     "<p>hi</p><LF><tab>x<SEP>y 你好，世界。",
