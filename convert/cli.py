@@ -19,8 +19,14 @@ def write_jax(dst, config, tensors, *, tokenizer, dtype):
     save_jax(dst, config, hf_to_jax(tensors, config), tokenizer=tokenizer, dtype=dtype)
 
 
+def write_torch(dst, config, tensors, *, tokenizer, dtype):
+    import hammer_torch.checkpoint  # torch is imported only for this target
+
+    hammer_torch.checkpoint.write_torch(dst, config, tensors, tokenizer=tokenizer, dtype=dtype)
+
+
 # name -> writer(dst, config, checked HF-named tensors, *, tokenizer, dtype)
-TARGETS = {"hf": write_hf, "jax": write_jax}
+TARGETS = {"hf": write_hf, "jax": write_jax, "torch": write_torch}
 
 
 def register(subparsers) -> None:

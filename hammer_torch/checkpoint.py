@@ -1,0 +1,82 @@
+"""Twin models from and to checkpoint directories, through `convert`'s reader and its HF names.
+
+An HF directory or a hammer JAX directory is read by `convert.read_checkpoint` (numpy arrays with HF
+names), so the JAX model and the twin convert into each other through convert's one mapping table.
+The twin's state dict is HF's, so it is written by convert's HF writer: config.json + safetensors.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from hammer.config import ModelConfig
+from hammer_torch.model import Llama
+
+
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                    attn_impl: str = "auto", compile: bool = False) -> Llama:
+    """The twin of an HF directory (safetensors, sharded or not, or pytorch_model.bin) or of a
+    hammer JAX directory; `compile` compiles each block in place."""
+    import convert
+
+    config, tensors = convert.read_checkpoint(path)
+    model = from_tensors(config, convert.check_hf(tensors, config), dtype, attn_impl)
+    return model.compile_blocks() if compile else model
+
+
+def from_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray],
+                 dtype: torch.dtype | None = torch.float32, attn_impl: str = "auto") -> Llama:
+    """A twin holding HF-named numpy tensors (dtype None: theirs), loaded strictly, never
+    randomly initialized first."""
+    state = {name: to_torch(x) for name, x in tensors.items()}
+    with torch.device("meta"):
+        model = Llama(config, attn_impl=attn_impl)
+    model = model.to_empty(device="cpu").to(dtype or state["model.norm.weight"].dtype)
+    model.tie_weights()  # leaving the meta device made the head and the embedding two tensors
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def save_pretrained(model: Llama, dst: str | os.PathLike, *, tokenizer: Any = None,
+                    dtype: str | None = None) -> Path:
+    """The twin's state dict as an HF directory, written by convert's one writer (atomic, refuses
+    an existing dst); a tied head is left out, as HF leaves it out. dtype: "float32"/"bfloat16"."""
+    import convert
+
+    state = to_numpy(model.state_dict())
+    if model.config.tie_word_embeddings:
+        del state["lm_head.weight"]
+    return convert.save_hf(dst, model.config, state, tokenizer=tokenizer, dtype=dtype)
+
+
+def write_torch(dst: str | os.PathLike, config: ModelConfig, tensors: Mapping[str, np.ndarray], *,
+                tokenizer: Any = None, dtype: str | None = None) -> Path:
+    """`hammer convert --to torch`: HF-named tensors through the twin, whose strict load checks
+    every name and shape, then its state dict written out."""
+    model = from_tensors(config, tensors, dtype=None, attn_impl="eager")
+    return save_pretrained(model, dst, tokenizer=tokenizer, dtype=dtype)
+
+
+def to_numpy(state_dict: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """HF-named numpy arrays of a twin state dict (bfloat16 as ml_dtypes.bfloat16), as convert reads."""
+    out = {}
+    for name, t in state_dict.items():
+        t = t.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: move the bits, not the values
+            import ml_dtypes
+
+            out[name] = t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            out[name] = t.numpy()
+    return out
+
+
+def to_torch(x: np.ndarray) -> torch.Tensor:
+    x = np.asarray(x)
+    if x.dtype.name == "bfloat16":  # ml_dtypes.bfloat16: the bits again
+        return torch.from_numpy(np.ascontiguousarray(x).view(np.uint16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(x if x.flags.writeable else x.copy())

@@ -1,0 +1,70 @@
+"""The JAX model and the twin compute the same function: same weights (through convert's one table),
+same batch, float32; logits, loss and every parameter's gradient."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+jax = pytest.importorskip("jax")
+
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import convert  # noqa: E402
+from hammer.config import ModelConfig  # noqa: E402
+from hammer_jax import model_from_params  # noqa: E402
+from hammer_torch.checkpoint import from_tensors  # noqa: E402
+from hammer_torch.loss import causal_lm_loss  # noqa: E402
+
+CONFIGS = {
+    "gqa_untied": ModelConfig(vocab_size=1013, hidden_size=96, intermediate_size=172, num_layers=2,
+                              num_heads=8, num_kv_heads=2),
+    "tied_rope_500k": ModelConfig(vocab_size=1031, hidden_size=84, intermediate_size=148,
+                                  num_layers=2, num_heads=6, num_kv_heads=3, rope_theta=500000.0,
+                                  tie_word_embeddings=True),
+}
+
+
+def random_hf_tensors(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Weights large enough that every layer moves the logits (HF's 0.02 init barely does)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for t in convert.tensors(config):
+        if t.hf.endswith("norm.weight"):
+            out[t.hf] = (1 + 0.2 * rng.standard_normal(t.hf_shape)).astype(np.float32)
+        else:
+            out[t.hf] = (0.12 * rng.standard_normal(t.hf_shape)).astype(np.float32)
+    return out
+
+
+@nnx.jit
+@nnx.value_and_grad(has_aux=True)
+def jax_loss_and_grads(model, ids):
+    logits = model(ids)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+    return loss, logits
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_jax_model_and_twin_agree_in_logits_loss_and_every_gradient(name):
+    config = CONFIGS[name]
+    tensors = random_hf_tensors(config)
+    jax_model = model_from_params(config, convert.hf_to_jax(tensors, config), attention_impl="xla")
+    twin = from_tensors(config, tensors, attn_impl="sdpa")
+    ids = np.random.default_rng(1).integers(0, config.vocab_size, (2, 29))
+
+    (jax_value, jax_logits), jax_grads = jax_loss_and_grads(jax_model, jnp.asarray(ids))
+    twin_logits = twin(torch.from_numpy(ids)).detach().numpy()
+    assert np.abs(jax_logits).max() > 1.0
+    assert np.abs(np.asarray(jax_logits) - twin_logits).max() <= 1e-4
+
+    twin_value = causal_lm_loss(twin, torch.from_numpy(ids), chunk_size=16)
+    twin_value.backward()
+    assert abs(twin_value.item() - float(jax_value)) <= 1e-5 * float(jax_value)
+
+    # JAX gradients back to HF names through the same table the weights came through.
+    jax_grads = convert.jax_to_hf(nnx.to_pure_dict(jax_grads), config)
+    twin_grads = {n: p.grad.numpy() for n, p in twin.named_parameters()}
+    assert set(jax_grads) == set(twin_grads)
+    for n, g in jax_grads.items():
+        assert np.linalg.norm(twin_grads[n] - g) <= 1e-4 * np.linalg.norm(g), n
