@@ -8,6 +8,7 @@ import pytest
 
 from hammer.data import (DataError, Loader, LoaderState, Mixture, eval_batches, load_prepared,
                          mixture_from_specs, prepare, validation_sets)
+from hammer.data.index_shuffle import derive_key, permute
 from tests.data_helpers import ByteTokenizer, write_jsonl
 
 BLOCK = 8  # a 6-character document + BOS + EOS fills one block exactly, so block i is document i
@@ -81,15 +82,25 @@ def test_two_hosts_read_disjoint_halves_that_together_are_the_global_batch_and_c
         Loader(mixture, 6, process_index=0, process_count=4)
 
 
-def test_mixing_weights_hold_within_sampling_error_and_an_upweighted_set_repeats_only_after_a_full_pass(small_and_large):
+def test_mixing_weights_hold_within_sampling_error(small_and_large):
     loader = Loader(Mixture(small_and_large, weights=[0.7, 0.3]), 16, seed=21)
     draws = [identify(row) for _ in range(100) for row in next(loader)]
     fraction = sum(d.startswith("a") for d in draws) / len(draws)
     sigma = (0.7 * 0.3 / len(draws)) ** 0.5
     assert abs(fraction - 0.7) < 4 * sigma, fraction
-    small = [d for d in draws if d.startswith("a")]
-    for start in range(0, len(small) - 23, 23):  # the 23 blocks of "a", each pass a fresh permutation
-        assert sorted(small[start:start + 23]) == [f"a{i:05d}" for i in range(23)]
+
+
+def test_an_epoch_of_a_weighted_mixture_holds_each_dataset_its_share_spread_evenly_over_its_blocks(small_and_large):
+    mixture = Mixture(small_and_large, weights=[0.7, 0.3])
+    assert mixture.counts.tolist() == [42, 18]
+    # Dataset a's stream shows all 23 blocks in each round: 42 draws a pass are each block once
+    # and 19 of them twice; two passes (84 draws = 3 rounds + 15) each block 3 or 4 times.
+    for epochs, a_times, b_times in ((1, {1, 2}, {0, 1}), (2, {3, 4}, {0, 1})):
+        datasets, blocks = mixture.locate(4, np.arange(epochs * 60))
+        a = np.bincount(blocks[datasets == 0], minlength=23)
+        b = np.bincount(blocks[datasets == 1], minlength=37)
+        assert a.sum() == 42 * epochs and set(a.tolist()) == a_times
+        assert b.sum() == 18 * epochs and set(b.tolist()) == b_times
     assert Mixture(small_and_large, weights=[1, 0]).counts.tolist() == [60, 0]
 
 
@@ -127,3 +138,15 @@ def test_named_validation_sets_are_read_in_packing_order_and_split_across_hosts(
     assert order == [f"z{i:05d}" for i in range(11)]
     assert [len(b) for b in eval_batches(sets["zh"], 4, drop_remainder=True)] == [4, 4]
     assert list(validation_sets({"mine": tmp_path / "valid" / "en"})) == ["mine"]
+
+
+def test_index_shuffle_is_a_bijection_for_every_size_and_fixed_forever_by_its_key():
+    for n in (1, 2, 3, 7, 60, 1000, 4097):
+        image = permute(np.arange(n), n, derive_key([0, n]))
+        assert sorted(image.tolist()) == list(range(n))
+    assert permute(np.arange(10), 10, derive_key([1])).tolist() == [7, 2, 0, 8, 6, 3, 9, 4, 5, 1]
+    assert permute(np.arange(10), 10, derive_key([2])).tolist() == [3, 1, 2, 4, 6, 8, 5, 0, 7, 9]
+    # Far indices of a huge permutation cost nothing to evaluate and stay in range.
+    far = permute(np.array([0, 499_999_999]), 500_000_000, derive_key([3]))
+    assert far.tolist() == permute(np.array([0, 499_999_999]), 500_000_000, derive_key([3])).tolist()
+    assert 0 <= far.min() and far.max() < 500_000_000

@@ -3,17 +3,18 @@
 Mixing. One pass ("epoch") of a mixture has T slots, T = the datasets' blocks together. Dataset d
 gets c_d = w_d * T of them (rounded by largest remainder so that they sum to T); with the default
 weights, proportional to size, c_d = len(d): every block once per epoch, HammerLLM's random merge of
-its sources. Each dataset is read through its own endless stream, seeded permutations of its blocks
-one after another; epoch e of the mixture takes positions [e * c_d, (e + 1) * c_d) of that stream, so
-an up-weighted dataset repeats a block only after showing all of them, and a down-weighted one shows
-new blocks each epoch. The T slots' dataset labels are put in seeded random order and the k-th slot
-labelled d gets the k-th block of d's share. Any run of consecutive slots is thus drawn without
-replacement from the epoch's labels: dataset d's fraction is w_d within hypergeometric sampling error.
+its sources. Slot t of epoch e goes through a seeded permutation of [0, T) to p; the range of
+[0, T) that p falls in (c_0 values for dataset 0, then c_1 for dataset 1, ...) names the dataset d,
+and p's place r in that range the block: position e * c_d + r of d's endless stream, which is d's
+blocks in a fresh seeded permutation each round. So an epoch holds each dataset exactly c_d times,
+an up-weighted dataset shows all its blocks once per round of its stream before any again, a
+down-weighted one shows new blocks each epoch, and any run of consecutive slots is drawn without replacement from the epoch: dataset d's
+share is w_d within hypergeometric sampling error.
 
-Every permutation is a function of (seed, which dataset or the mixture, epoch) alone, so global
-batch `step` is a pure function of (seed, step): `LoaderState(seed, step)` is the loader's whole
-position, and restoring it replays nothing. Determinism holds for a given numpy version (numpy
-documents that `Generator` streams may change between versions).
+The permutations are `index_shuffle.permute`: evaluated at the rows of a batch only, never built, so
+global batch `step` costs O(batch) and is a pure function of (seed, step). `LoaderState(seed, step)`
+is the loader's whole position; restoring it replays nothing. The order is the same on every machine
+and numpy version (64-bit integer arithmetic only).
 
 Several hosts: every process derives the same global batch; process p of P takes rows
 [p * B / P, (p + 1) * B / P) and reads only those blocks.
@@ -27,6 +28,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from hammer.data.index_shuffle import derive_key, permute
 from hammer.data.prepared import PreparedDataset, load_prepared
 from hammer.data.sources import DataError
 
@@ -49,7 +51,7 @@ class LoaderState:
 
 
 class Mixture:
-    """Datasets with weights (default: in proportion to their sizes); `epoch()` gives one seeded pass."""
+    """Datasets with weights (default: in proportion to their sizes); `locate()` maps slots to blocks."""
 
     def __init__(self, datasets: Sequence[PreparedDataset], weights: Sequence[float] | None = None):
         if not datasets:
@@ -75,31 +77,27 @@ class Mixture:
         self.weights = weights / weights.sum()
         self.epoch_size = int(sizes.sum())
         self.counts = _apportion(self.weights, self.epoch_size)
-        self._cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
 
-    def epoch(self, seed: int, number: int) -> tuple[np.ndarray, np.ndarray]:
-        """(dataset of each slot, block of that dataset) for the `epoch_size` slots of epoch `number`."""
-        key = (seed, number)
-        if key not in self._cache:
-            labels = np.repeat(np.arange(len(self.datasets), dtype=np.int32), self.counts)
-            labels = np.random.default_rng([seed, _MIX, number]).permutation(labels)
-            order = np.argsort(labels, kind="stable")  # slots grouped by dataset, in slot order within each
-            blocks = np.empty(self.epoch_size, np.int64)
-            blocks[order] = np.concatenate([
-                self._stream(seed, d, number * c, (number + 1) * c) for d, c in enumerate(self.counts)])
-            if len(self._cache) >= 2:  # a batch touches at most two epochs when it is smaller than one
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = labels, blocks
-        return self._cache[key]
-
-    def _stream(self, seed: int, d: int, start: int, stop: int) -> np.ndarray:
-        """Positions [start, stop) of dataset d's endless stream of seeded permutations of its blocks."""
-        n = len(self.datasets[d])
-        if stop <= start:
-            return np.empty(0, np.int64)
-        first, last = start // n, (stop - 1) // n
-        rounds = [np.random.default_rng([seed, _DATASET, d, r]).permutation(n) for r in range(first, last + 1)]
-        return np.concatenate(rounds)[start - first * n: stop - first * n]
+    def locate(self, seed: int, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset, block) of each of `slots`, numbered from the first slot of epoch 0."""
+        epochs, within = np.divmod(np.asarray(slots, np.int64), self.epoch_size)
+        datasets = np.empty(len(within), np.int64)
+        positions = np.empty(len(within), np.int64)  # in each dataset's endless stream
+        for e in np.unique(epochs):
+            rows = epochs == e
+            p = permute(within[rows], self.epoch_size, derive_key([seed, _MIX, e]))
+            d = np.searchsorted(self._starts, p, side="right") - 1
+            datasets[rows], positions[rows] = d, e * self.counts[d] + p - self._starts[d]
+        blocks = np.empty(len(within), np.int64)
+        for d in np.unique(datasets):
+            n = len(self.datasets[d])
+            rows = np.flatnonzero(datasets == d)
+            rounds, offsets = np.divmod(positions[rows], n)
+            for r in np.unique(rounds):
+                here = rounds == r
+                blocks[rows[here]] = permute(offsets[here], n, derive_key([seed, _DATASET, d, r]))
+        return datasets, blocks
 
 
 def _apportion(weights: np.ndarray, total: int) -> np.ndarray:
@@ -147,15 +145,7 @@ class Loader:
     def sources(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(dataset, block) of each of this process's rows of global batch `step`."""
         first = step * self.global_batch_size + self.process_index * self.local_batch_size
-        slots = np.arange(first, first + self.local_batch_size, dtype=np.int64)
-        epochs, within = np.divmod(slots, self.mixture.epoch_size)
-        datasets = np.empty(len(slots), np.int32)
-        blocks = np.empty(len(slots), np.int64)
-        for e in np.unique(epochs):
-            rows = epochs == e
-            labels, ids = self.mixture.epoch(self.seed, int(e))
-            datasets[rows], blocks[rows] = labels[within[rows]], ids[within[rows]]
-        return datasets, blocks
+        return self.mixture.locate(self.seed, np.arange(first, first + self.local_batch_size))
 
     def batch(self, step: int) -> np.ndarray:
         """This process's rows of global batch `step`, read from the shards."""
