@@ -96,7 +96,7 @@ class TokenizerFiles:
         self.files = [Path(src) / n for n in TOKENIZER_FILES if (Path(src) / n).is_file()]
 
     def __bool__(self) -> bool:
-        return any(f.name == "tokenizer.model" for f in self.files)
+        return bool(self.files)
 
     def save_pretrained(self, dst: str | os.PathLike) -> None:
         for f in self.files:

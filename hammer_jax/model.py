@@ -78,8 +78,8 @@ def apply_rope(x, cos, sin):
 
 
 class RMSNorm(nnx.Module):
-    """Normalized in float32 whatever the compute dtype: bf16 squares lose the small features.
-    Written out rather than nnx.RMSNorm to pin HF's exact order of operations."""
+    """Normalized and scaled in float32 whatever the compute dtype (bf16 squares lose the small
+    features); written out so that this does not hang on nnx.RMSNorm's dtype promotion."""
 
     def __init__(self, size: int, eps: float, *, dtype, param_dtype):
         self.scale = nnx.Param(jnp.ones((size,), param_dtype), out_sharding=("embed",),

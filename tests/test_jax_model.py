@@ -10,10 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from hammer.config import ModelConfig
 import convert
+from hammer.config import ModelConfig
 from hammer_jax import Llama, model_from_params, params_of
+from hammer_jax.sharding import RULES, logical_to_spec
 from tests.conftest import REPO
 
 # Prime-ish sizes so that a transposed or mis-reshaped weight cannot pass by symmetry.
@@ -132,7 +134,9 @@ import jax, jax.numpy as jnp
 from flax import nnx
 from hammer.config import ModelConfig
 from hammer_jax import Llama, model_from_params, params_of
-from hammer_jax.sharding import make_mesh, init_sharded, logical_to_spec
+from hammer_jax.sharding import RULES, logical_to_spec
+from jax.sharding import PartitionSpec as P
+from hammer_jax.sharding import make_mesh, init_sharded
 config = ModelConfig(vocab_size=1013, hidden_size=96, intermediate_size=136, num_layers=2,
                      num_heads=8, num_kv_heads=2)
 assert jax.device_count() == 8, jax.devices()
@@ -148,10 +152,6 @@ ids = jax.random.randint(jax.random.key(0), (4, 9), 0, config.vocab_size)
 forward = nnx.jit(lambda m, x: m(x))
 diff = float(jnp.abs(forward(sharded, ids) - forward(plain, ids)).max())
 assert diff < 1e-5, diff
-try:
-    logical_to_spec(("embed", "mlp"), {"embed": "fsdp", "mlp": "fsdp"})
-except ValueError as e:
-    print("collision:", e)
 print("ok")
 """
 
@@ -163,4 +163,13 @@ def test_a_model_sharded_on_eight_devices_gives_the_unsharded_logits():
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(SHARDED_SCRIPT)], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "collision:" in out.stdout and "fsdp" in out.stdout and out.stdout.endswith("ok\n")
+    assert out.stdout.endswith("ok\n")
+
+
+def test_two_logical_axes_on_one_mesh_axis_are_refused_and_every_model_axis_has_a_rule():
+    assert logical_to_spec(("layers", "embed", "heads", "head_dim")) == P(None, "fsdp", "tensor", None)
+    with pytest.raises(ValueError, match="'fsdp' on two dimensions"):
+        logical_to_spec(("embed", "mlp"), {"embed": "fsdp", "mlp": "fsdp"})
+    with pytest.raises(ValueError, match="'experts' has no sharding rule"):
+        logical_to_spec(("experts", "embed"))
+    assert LOGICAL_AXES <= set(RULES)
