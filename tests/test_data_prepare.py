@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import gzip
 import json
 import os
 from pathlib import Path
@@ -246,7 +247,7 @@ def test_a_local_tfds_array_record_dataset_is_read_through_data_source(tmp_path)
     assert stream == [BOS, *ids("hello"), EOS, BOS, *ids("数据"), EOS][: len(stream)]
 
 
-def test_a_directory_of_files_gives_one_document_per_file_and_parquet_a_text_column(tmp_path):
+def test_a_directory_gives_a_document_per_file_gzip_is_read_and_parquet_gives_a_text_column(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
 
@@ -260,6 +261,10 @@ def test_a_directory_of_files_gives_one_document_per_file_and_parquet_a_text_col
     stream = np.concatenate([ds[i] for i in range(len(ds))]).tolist()
     assert stream == [BOS, *ids("bee\nline"), EOS, BOS, *ids("ay"), EOS]
     assert index["documents"] == 2
+    with gzip.open(tmp_path / "z.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write('{"text": "zipped"}\n')
+    index = prepare(ByteTokenizer(), [tmp_path / "z.jsonl.gz"], tmp_path / "gz", block_size=8)
+    assert load_prepared(tmp_path / "gz")[0].tolist() == [BOS, *ids("zipped"), EOS]
     pq.write_table(pa.table({"body": ["one", None, "three"]}), tmp_path / "t.parquet")
     index = prepare(ByteTokenizer(), [tmp_path / "t.parquet"], tmp_path / "pq", block_size=3, text_field="body")
     assert (index["documents"], index["sources"][0]["empty_documents"], index["tokens"]) == (2, 1, 5 + 7)

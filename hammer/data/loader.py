@@ -32,7 +32,7 @@ from hammer.data.index_shuffle import derive_key, permute
 from hammer.data.prepared import PreparedDataset, load_prepared
 from hammer.data.sources import DataError
 
-_MIX, _DATASET = 0, 1  # seed-sequence tags keeping the mixture's and the datasets' permutations apart
+_MIX, _DATASET = 0, 1  # key-derivation tags keeping the mixture's and the datasets' permutations apart
 
 
 @dataclass(frozen=True)
