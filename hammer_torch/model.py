@@ -65,7 +65,8 @@ class Attention(nn.Module):
             cache_k, cache_v = kv
             cache_k[:, start:start + t] = k
             cache_v[:, start:start + t] = v
-            k, v = cache_k[:, :start + t], cache_v[:, :start + t]
+            # A cache may be kept in a narrower dtype than the activations.
+            k, v = cache_k[:, :start + t].to(q.dtype), cache_v[:, :start + t].to(q.dtype)
         out = attention.attend(q, k, v, impl)  # (B, T, H, D)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 

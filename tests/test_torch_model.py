@@ -128,6 +128,18 @@ def test_prefill_then_cached_steps_equal_the_full_forward(attn_impl):
     assert (torch.cat(pieces, dim=1) - full).abs().max() <= 1e-5
 
 
+def test_a_bfloat16_cache_serves_a_float32_model():
+    config = make_config()
+    twin = twin_from(hf_model(config), config)
+    x = ids(config, batch=2, seq=9)
+    with torch.no_grad():
+        full = twin(x)
+    cache = twin.init_cache(batch_size=2, max_len=12, dtype=torch.bfloat16)
+    steps = torch.cat([twin.decode(x[:, :5], cache), twin.decode(x[:, 5:], cache)], dim=1)
+    assert cache.keys[0].dtype == torch.bfloat16
+    assert (steps - full).abs().max() <= 0.02 * full.abs().max()
+
+
 def test_decoding_past_the_cache_is_refused():
     config = make_config()
     twin = Llama(config, attn_impl="sdpa")
