@@ -211,8 +211,8 @@ class Llama(nnx.Module):
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         c = self.config
         shape = (c.num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim)
-        zeros = jnp.zeros(shape, dtype or self.dtype)
-        return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
+        dtype = dtype or self.dtype  # two buffers: a step may donate both
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
     def decode(self, input_ids, cache: KVCache):
         """Runs t new tokens [b, t] at positions cache.length.., attending causally to the
