@@ -48,7 +48,7 @@ def atomic_file(dst: str | os.PathLike, mode: str = "w") -> Iterator:
 
 
 def _umask() -> int:
-    # Reading the umask means setting it; restore at once (this process is single-threaded here).
+    # Reading the umask means setting it; it is restored at once, before any file is created here.
     mask = os.umask(0)
     os.umask(mask)
     return mask
