@@ -288,3 +288,23 @@ def test_an_existing_destination_is_never_overwritten(small_hf, tmp_path, capsys
     assert hammer(small_hf.path, tmp_path / "dst", "--to", "hf") == 2
     assert "already exists" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "dst").iterdir()] == ["mine.txt"]
+
+
+def test_a_saved_tied_head_is_dropped_only_when_it_is_the_embedding(small_hf):
+    config, tensors = convert.load_hf(small_hf.path)
+    embedding = tensors["model.embed_tokens.weight"]
+    kept = convert.check_hf({**tensors, "lm_head.weight": embedding.copy()}, config)
+    assert sorted(kept) == sorted(tensors)
+    with pytest.raises(convert.ConvertError, match="lm_head.weight differs"):
+        convert.check_hf({**tensors, "lm_head.weight": embedding + 1}, config)
+
+
+def test_jax_params_with_a_wrong_shape_or_a_missing_entry_are_refused_naming_the_path(small_hf):
+    config = convert.load_hf(small_hf.path)[0]
+    params = random_params(config, np.float32, scan_layers=False)
+    params["layers"][1]["mlp"]["up_proj"]["kernel"] = np.zeros((92, 56), np.float32)
+    with pytest.raises(convert.ConvertError, match=r"layers\.1\.mlp\.up_proj\.kernel has shape"):
+        convert.jax_to_hf(params, config)
+    del params["layers"][0]["self_attn"]["k_proj"]
+    with pytest.raises(convert.ConvertError, match=r"missing JAX tensor layers\.0\.self_attn\.k_proj"):
+        convert.jax_to_hf(params, config)
