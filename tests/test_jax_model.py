@@ -140,6 +140,7 @@ from hammer_jax.sharding import make_mesh, init_sharded
 config = ModelConfig(vocab_size=1013, hidden_size=96, intermediate_size=136, num_layers=2,
                      num_heads=8, num_kv_heads=2)
 assert jax.device_count() == 8, jax.devices()
+assert dict(make_mesh({"fsdp": -1, "tensor": 2}).shape) == {"data": 1, "fsdp": 4, "tensor": 2}
 mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
 options = dict(attention_impl="xla", scan_layers=True)
 sharded = init_sharded(lambda: Llama(config, rngs=nnx.Rngs(0), **options), mesh)
