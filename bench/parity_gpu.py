@@ -172,7 +172,11 @@ def main() -> int:
     else:
         report.add("twin compiled sdpa f32 vs not compiled", TOL_F32, compiled(torch.float32, "sdpa"))
     report.add("twin chunked loss vs plain loss f32", 1e-6, chunked_loss)
-    jax_rows(report, config, tensors, ids, reference)
+    def twin_bf16():
+        need_cuda()
+        return twin_logits(config, tensors, ids, device=device, dtype=bf16, attn_impl="sdpa")
+
+    jax_rows(report, config, tensors, ids, reference, twin_bf16)
     memory = loss_memory() if cuda else None
     if memory is None:
         print("loss peak memory at HammerLLM's 8 x 2048 x 105789: skipped: needs a CUDA GPU")
@@ -219,14 +223,15 @@ def loss_memory(batch: int = 8, seq: int = 2048, hidden: int = 2048, vocab: int 
     return out
 
 
-def jax_rows(report: Report, config: ModelConfig, tensors, ids, reference) -> None:
+def jax_rows(report: Report, config: ModelConfig, tensors, ids, reference, twin_bf16) -> None:
     try:
         import jax
         import jax.numpy as jnp
 
         from hammer_jax import model_from_params
     except ImportError as e:
-        for check in ("jax xla f32 vs twin eager f32", "jax cudnn bf16 vs xla bf16"):
+        for check in ("jax xla f32 vs twin eager f32", "jax cudnn bf16 vs xla bf16",
+                      "jax cudnn bf16 vs twin sdpa-flash bf16"):
             report.skip(check, f"JAX is not importable: {e}")
         return
     params = convert.hf_to_jax(tensors, config)
@@ -245,8 +250,14 @@ def jax_rows(report: Report, config: ModelConfig, tensors, ids, reference) -> No
             raise Skip(f"needs a JAX GPU backend, JAX runs on {jax.default_backend()}")
         return diff(logits(jnp.bfloat16, "cudnn"), logits(jnp.bfloat16, "xla"))
 
+    def cudnn_vs_twin():
+        if jax.default_backend() != "gpu":
+            raise Skip(f"needs a JAX GPU backend, JAX runs on {jax.default_backend()}")
+        return diff(logits(jnp.bfloat16, "cudnn"), twin_bf16())
+
     report.add("jax xla f32 vs twin eager f32", 1e-4, xla_f32)
     report.add("jax cudnn bf16 vs xla bf16", TOL_BF16, cudnn_vs_xla)
+    report.add("jax cudnn bf16 vs twin sdpa-flash bf16", TOL_BF16, cudnn_vs_twin)
 
 
 if __name__ == "__main__":
