@@ -119,9 +119,12 @@ def main() -> int:
         if not cuda:
             raise Skip("needs a CUDA GPU")
 
-    def sdpa_flash_bf16():
+    def twin_bf16():
         need_cuda()
-        return diff(twin_logits(config, tensors, ids, device=device, dtype=bf16, attn_impl="sdpa"), reference)
+        return twin_logits(config, tensors, ids, device=device, dtype=bf16, attn_impl="sdpa")
+
+    def sdpa_flash_bf16():
+        return diff(twin_bf16(), reference)
 
     def flash_attn_bf16():
         need_cuda()
@@ -172,10 +175,6 @@ def main() -> int:
     else:
         report.add("twin compiled sdpa f32 vs not compiled", TOL_F32, compiled(torch.float32, "sdpa"))
     report.add("twin chunked loss vs plain loss f32", 1e-6, chunked_loss)
-    def twin_bf16():
-        need_cuda()
-        return twin_logits(config, tensors, ids, device=device, dtype=bf16, attn_impl="sdpa")
-
     jax_rows(report, config, tensors, ids, reference, twin_bf16)
     memory = loss_memory() if cuda else None
     if memory is None:
