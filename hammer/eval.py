@@ -23,8 +23,8 @@ import numpy as np
 
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_BATCH_SIZE = 8
-# Padded lengths come from this ladder (powers of two and 1.5x), so a jitted scorer compiles a
-# handful of shapes and no batch wastes more than a third of its positions on padding.
+# For scorers with fixed shapes, padded lengths come from this ladder (powers of two and 1.5x), so a
+# jitted scorer compiles a handful of shapes and no batch wastes more than a third of its positions.
 _MIN_BUCKET = 16
 
 
@@ -34,6 +34,10 @@ class Scorer(Protocol):
     @property
     def max_length(self) -> int:
         """The longest sequence the model takes (its context)."""
+
+    @property
+    def fixed_shapes(self) -> bool:
+        """True when every new batch shape costs a compilation (jit): batches then come in few shapes."""
 
     def token_nll(self, input_ids: np.ndarray) -> np.ndarray:
         """int32 `[b, s]` right-padded ids -> float32 `[b, s-1]`, entry j = -log p(ids[j+1] | ids[:j+1]).
@@ -198,7 +202,7 @@ def evaluate(scorer: Scorer, tokenizer: EncodesText, domains: Mapping[str, Seque
 def document_nll(scorer: Scorer, ids: Sequence[Sequence[int]], batch_size: int) -> np.ndarray:
     """Summed NLL of each document (float64), over its tokens after the first."""
     totals = np.zeros(len(ids), np.float64)
-    for rows, batch, lengths in length_batches(ids, batch_size, scorer.max_length):
+    for rows, batch, lengths in length_batches(ids, batch_size, scorer.max_length, scorer.fixed_shapes):
         nll = np.asarray(scorer.token_nll(batch), np.float64)
         if nll.shape != (batch.shape[0], batch.shape[1] - 1):
             raise ValueError(f"scorer returned NLL of shape {nll.shape} for ids of shape {batch.shape}, "
@@ -208,19 +212,22 @@ def document_nll(scorer: Scorer, ids: Sequence[Sequence[int]], batch_size: int) 
     return totals
 
 
-def length_batches(ids: Sequence[Sequence[int]], batch_size: int, max_length: int
+def length_batches(ids: Sequence[Sequence[int]], batch_size: int, max_length: int, fixed_shapes: bool
                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(document indices, right-padded int32 ids, lengths) for documents of >= 2 tokens, by length.
 
-    Rows are padded to a power of two (at most batch_size) and lengths to the bucket ladder, so the
-    shapes a jitted scorer sees are few. Padding rows have length 0.
+    Sorting by length keeps the padding small. With `fixed_shapes`, rows are padded to a power of
+    two (at most batch_size) and lengths to the bucket ladder, so a jitted scorer sees few shapes;
+    padding rows have length 0.
     """
     order = sorted((i for i, doc in enumerate(ids) if len(doc) >= 2), key=lambda i: len(ids[i]))
     for start in range(0, len(order), batch_size):
         rows = np.array(order[start:start + batch_size])
-        longest = len(ids[rows[-1]])
-        width = max(longest, min(bucket_length(longest), max_length))
-        height = min(1 << (len(rows) - 1).bit_length(), batch_size)
+        width = longest = len(ids[rows[-1]])
+        height = len(rows)
+        if fixed_shapes:
+            width = max(longest, min(bucket_length(longest), max_length))
+            height = min(1 << (len(rows) - 1).bit_length(), batch_size)
         batch = np.zeros((height, width), np.int32)
         lengths = np.zeros(height, np.int64)
         for r, i in enumerate(rows):

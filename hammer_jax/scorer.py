@@ -21,6 +21,8 @@ LOGITS_BUDGET = 1 << 26
 class JaxScorer:
     """Scores with the model's current weights: a trainer's updates are seen by the next call."""
 
+    fixed_shapes = True  # each new shape compiles
+
     def __init__(self, model, *, logits_budget: int = LOGITS_BUDGET):
         self.model, self.logits_budget = model, logits_budget
         self.max_length = model.config.max_position_embeddings

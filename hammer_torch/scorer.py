@@ -20,6 +20,8 @@ LOGITS_BUDGET = 1 << 26
 class TorchScorer:
     """Scores with `features(ids) -> hidden [b, s, h]` followed by `head(hidden) -> logits`."""
 
+    fixed_shapes = False  # eager torch takes any shape at no cost
+
     def __init__(self, features: Callable[[torch.Tensor], torch.Tensor],
                  head: Callable[[torch.Tensor], torch.Tensor], *, vocab_size: int, max_length: int,
                  device: torch.device | str = "cpu", logits_budget: int = LOGITS_BUDGET):

@@ -16,8 +16,8 @@ from tests.eval_fixtures import TEXTS, write_domain_files, write_model_dir
 class IdScorer:
     """NLL of each target is 1 + id/1000: sums are known by hand and a shifted target shows."""
 
-    def __init__(self, max_length=10_000):
-        self.max_length = max_length
+    def __init__(self, max_length=10_000, fixed_shapes=False):
+        self.max_length, self.fixed_shapes = max_length, fixed_shapes
         self.calls = []
 
     def token_nll(self, input_ids):
@@ -150,17 +150,32 @@ def test_reference_tokenizer_normalization_divides_the_nll_by_the_reference_toke
 def test_length_batches_sort_by_length_pad_to_few_shapes_and_cover_every_scorable_document():
     rng = np.random.default_rng(0)
     docs = [list(rng.integers(0, 50, n)) for n in rng.integers(0, 300, 41)]
-    seen = []
-    for rows, batch, lengths in harness.length_batches(docs, 8, max_length=280):
-        assert batch.dtype == np.int32 and batch.shape[0] in (1, 2, 4, 8)
-        assert batch.shape[1] in (16, 24, 32, 48, 64, 96, 128, 192, 256, 280) or batch.shape[1] == lengths.max()
-        for r, i in enumerate(rows):
-            assert lengths[r] == len(docs[i])
-            assert batch[r, : lengths[r]].tolist() == docs[i] and not batch[r, lengths[r]:].any()
-        assert not lengths[len(rows):].any()
-        seen.extend(rows)
-    assert sorted(seen) == [i for i, d in enumerate(docs) if len(d) >= 2]
-    assert [len(docs[i]) for i in seen] == sorted(len(docs[i]) for i in seen)
+    ladder = (16, 24, 32, 48, 64, 96, 128, 192, 256, 280)
+    for fixed_shapes in (True, False):
+        seen = []
+        for rows, batch, lengths in harness.length_batches(docs, 8, 280, fixed_shapes):
+            assert batch.dtype == np.int32
+            if fixed_shapes:
+                assert batch.shape[0] in (1, 2, 4, 8)
+                assert batch.shape[1] in ladder or batch.shape[1] == lengths.max()
+            else:
+                assert batch.shape == (len(rows), lengths.max())
+            for r, i in enumerate(rows):
+                assert lengths[r] == len(docs[i])
+                assert batch[r, : lengths[r]].tolist() == docs[i] and not batch[r, lengths[r]:].any()
+            assert not lengths[len(rows):].any()
+            seen.extend(rows)
+        assert sorted(seen) == [i for i, d in enumerate(docs) if len(d) >= 2]
+        assert [len(docs[i]) for i in seen] == sorted(len(docs[i]) for i in seen)
+
+
+def test_fixed_shape_scorers_get_the_same_numbers_from_padded_batches(tokenizer):
+    docs = TEXTS + ["北京", "A b"]
+    exact = harness.evaluate(IdScorer(), tokenizer, {"d": docs}, batch_size=3)["d"]
+    fixed = IdScorer(fixed_shapes=True)
+    padded = harness.evaluate(fixed, tokenizer, {"d": docs}, batch_size=3)["d"]
+    assert padded.nll == pytest.approx(exact.nll, rel=1e-12)
+    assert {shape[0] for shape in fixed.calls} <= {1, 2, 3} and all(s[1] % 8 == 0 for s in fixed.calls)
 
 
 def test_domain_files_are_jsonl_with_a_text_field_or_txt_with_a_document_per_line(tmp_path, domain_files):
