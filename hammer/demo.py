@@ -47,8 +47,7 @@ def run(args: argparse.Namespace) -> None:
            "--output", tokenizer, "--vocab-size", args.vocab_size)
     _stage(data, "data", "prepare", "--tokenizer", tokenizer, "--input", *_files(corpus, "train"),
            "--output", data, "--block-size", config.max_position_embeddings, "--quiet")
-    if not jax_dir.exists():
-        _init_model(config, tokenizer, jax_dir, args.seed)
+    _stage(jax_dir, lambda: _init_model(config, tokenizer, jax_dir, args.seed))
     _stage(hf_dir, "convert", jax_dir, hf_dir, "--to", "hf")
     _stage(torch_dir, "convert", hf_dir, torch_dir, "--to", "torch")
 
@@ -71,12 +70,15 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _stage(output: Path, *argv) -> None:
+    """Runs `hammer ARGV...` (or a callable, for steps with no command yet) unless `output` exists."""
     from hammer.cli import main
 
-    argv = [str(a) for a in argv]
     if output.exists():
         print(f"[skip] {output} exists")
         return
+    if callable(argv[0]):
+        return argv[0]()
+    argv = [str(a) for a in argv]
     print(f"\n$ hammer {shlex.join(argv)}", flush=True)
     if main(argv):
         raise ValueError(f"stage `hammer {argv[0]}` failed; fix it and rerun `hammer demo`")
