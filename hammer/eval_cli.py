@@ -62,6 +62,11 @@ def load_scorer(backend: str, path: Path, dtype: str) -> harness.Scorer:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if backend == "hf":
+        from convert.hf import is_hf_dir
+
+        if not is_hf_dir(path):
+            raise ValueError(f"--backend hf reads HF model directories and {path} has no HF weights; "
+                             "use --backend jax or torch for a hammer JAX checkpoint")
         return TorchScorer.from_hf(path, dtype=getattr(torch, dtype), device=device)
     import hammer_torch
 

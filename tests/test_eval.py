@@ -212,6 +212,27 @@ def test_hammer_eval_prints_a_table_and_writes_json_matching_the_harness(
     assert json.loads(out.read_text()) == report
 
 
+def test_hammer_eval_reports_the_normalized_ppl_with_a_reference_tokenizer(
+        tmp_path, tiny_model_dir, domain_files, tokenizer, capsys):
+    out = tmp_path / "eval.json"
+    # The model's own tokenizer as the reference: each document's tokens, the first one included.
+    assert main(["eval", "--model", str(tiny_model_dir), "--backend", "hf", "--data", f"zh={domain_files['zh']}",
+                 "--reference-tokenizer", str(tiny_model_dir), "--json", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split()[-1] == "ppl_norm"
+    zh = json.loads(out.read_text())["domains"]["zh"]
+    assert zh["reference_tokens"] == zh["scored_tokens"] + zh["documents"]
+    assert zh["loss_norm"] == pytest.approx(zh["nll"] / zh["reference_tokens"], rel=1e-12)
+
+
+def test_hammer_eval_hf_backend_refuses_a_directory_without_hf_weights(tmp_path, tiny_model_dir, domain_files, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    assert main(["eval", "--model", str(bare), "--tokenizer", str(tiny_model_dir), "--backend", "hf",
+                 "--data", f"zh={domain_files['zh']}"]) == 2
+    assert "has no HF weights" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("data, message", [
     ("en", "expected NAME=FILE"),
     ("en=/nonexistent/x.jsonl", "not found"),
