@@ -180,13 +180,10 @@ def evaluate(scorer: Scorer, tokenizer: EncodesText, domains: Mapping[str, Seque
     for name, docs in domains.items():
         texts = [truncate(t, max_tokens) for t in docs]
         ids = tokenizer.encode_batch(texts, add_special_tokens=False, num_workers=num_workers)
-        n_bytes, cut = 0, 0
-        for i, (text, doc) in enumerate(zip(texts, ids)):
-            if len(doc) > limit:
-                ids[i] = doc = doc[:limit]
-                text = tokenizer.decode(doc)
-                cut += 1
-            n_bytes += len(text.encode("utf-8"))
+        cut = [i for i, doc in enumerate(ids) if len(doc) > limit]
+        for i in cut:  # bytes and reference tokens then count the text of the ids kept
+            ids[i] = ids[i][:limit]
+            texts[i] = tokenizer.decode(ids[i])
         scored = sum(max(len(doc) - 1, 0) for doc in ids)
         if scored == 0:
             raise ValueError(f"domain {name!r}: no document has two tokens to score")
@@ -195,7 +192,8 @@ def evaluate(scorer: Scorer, tokenizer: EncodesText, domains: Mapping[str, Seque
         if reference_tokenizer is not None:
             reference = sum(len(r) for r in reference_tokenizer.encode_batch(
                 texts, add_special_tokens=False, num_workers=num_workers))
-        results.append(DomainResult(name, len(docs), scored, nll, n_bytes, cut, reference))
+        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        results.append(DomainResult(name, len(docs), scored, nll, n_bytes, len(cut), reference))
     return EvalResult(tuple(results), max_tokens)
 
 
