@@ -141,6 +141,8 @@ def prepare(tokenizer, inputs: Sequence[str | os.PathLike], output: str | os.Pat
     `tokenizer` is a path to a tokenizer directory or an object with `hammer.tokenizer.Tokenizer`'s
     encode_batch, bos_id, eos_id, vocab_size and fingerprint (picklable when `workers` > 1).
     `opener` is passed to `open` for every shard file (the default writes plain files).
+    Workers are spawned processes, so a script calling this with `workers` > 1 needs the usual
+    `if __name__ == "__main__":` guard.
     """
     if isinstance(tokenizer, (str, os.PathLike)):
         from hammer.tokenizer import Tokenizer  # sentencepiece loads only when preparing
