@@ -22,13 +22,13 @@ MODEL_DIMS = dict(hidden_size=60, intermediate_size=94, num_hidden_layers=2, num
 VOCAB_SIZE = 401
 
 
-def write_tokenizer(directory: Path, vocab_size: int = VOCAB_SIZE) -> None:
+def write_tokenizer(directory: Path) -> None:
     """SentencePiece BPE with byte fallback, written as a Llama tokenizer directory."""
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(TEXTS * 10), model_prefix=str(directory / "tokenizer"),
-        model_type="bpe", vocab_size=vocab_size, character_coverage=1.0, byte_fallback=True,
+        model_type="bpe", vocab_size=VOCAB_SIZE, character_coverage=1.0, byte_fallback=True,
         split_digits=True, add_dummy_prefix=False, normalization_rule_name="identity",
         remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
         minloglevel=2)
@@ -38,7 +38,7 @@ def write_tokenizer(directory: Path, vocab_size: int = VOCAB_SIZE) -> None:
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": True}))
 
 
-def write_model(directory: Path, seed: int = 0, **overrides) -> None:
+def write_model(directory: Path, seed: int = 0) -> None:
     """A random LlamaForCausalLM saved with save_pretrained, in float32.
 
     A wide initializer spreads the logits, so greedy decoding meets no near-ties that float32
@@ -49,7 +49,7 @@ def write_model(directory: Path, seed: int = 0, **overrides) -> None:
 
     config = LlamaConfig(vocab_size=VOCAB_SIZE, initializer_range=0.25, rms_norm_eps=1e-5,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                         **{**MODEL_DIMS, **overrides})
+                         **MODEL_DIMS)
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(directory)
 
