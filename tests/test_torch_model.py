@@ -216,14 +216,3 @@ def test_explicit_attention_that_cannot_run_is_refused_naming_why(impl, device, 
     with pytest.raises(AttentionUnavailableError, match=message):
         resolve(impl, torch.device(device), dtype)
 
-
-def test_the_twin_imports_neither_jax_nor_hammer_jax():
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
-    code = ("import sys, hammer_torch, hammer_torch.checkpoint, hammer_torch.loss; "
-            "print(sorted(m for m in ('jax', 'hammer_jax', 'flax') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    assert out.stdout.strip() == "[]"
