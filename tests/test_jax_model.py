@@ -113,6 +113,13 @@ def test_every_parameter_carries_logical_axis_names_one_per_dimension(scan_layer
         assert (names[0] == "layers") == stacked and names.count("layers") == stacked, (path, names)
 
 
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["list", "scan"])
+def test_hammerllm_1_4b_builds_abstractly_with_1_402_288_128_parameters(scan_layers):
+    config = ModelConfig.from_hf(REPO / "configs" / "hammerllm-1.4b.json")
+    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), scan_layers=scan_layers))
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == 1_402_288_128
+
+
 def test_bfloat16_compute_stays_close_to_float32():
     model = random_model(GQA, attention_impl="xla")
     bf16 = model_from_params(GQA, params_of(model), dtype=jnp.bfloat16,

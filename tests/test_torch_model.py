@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 from hammer.config import ModelConfig  # noqa: E402
 from hammer_torch.attention import AttentionUnavailableError  # noqa: E402
 from hammer_torch.model import Llama  # noqa: E402
+from tests.conftest import REPO  # noqa: E402
 
 # Distinct, prime-ish sizes so that a transposed or mis-grouped weight cannot pass by symmetry.
 BASE = dict(vocab_size=1013, hidden_size=96, intermediate_size=172, num_layers=2,
@@ -66,6 +67,13 @@ def test_logits_equal_transformers_llama_within_1e_5(name, attn_impl):
     assert got.shape == (2, 37, config.vocab_size)
     assert expected.abs().max() > 1.0  # the comparison is not between near-zero logits
     assert (got - expected).abs().max() <= 1e-5
+
+
+def test_hammerllm_1_4b_builds_on_the_meta_device_with_1_402_288_128_parameters():
+    config = ModelConfig.from_hf(REPO / "configs" / "hammerllm-1.4b.json")
+    with torch.device("meta"):
+        twin = Llama(config)
+    assert sum(p.numel() for p in twin.parameters()) == 1_402_288_128
 
 
 def test_state_dict_keys_and_shapes_are_hfs():
