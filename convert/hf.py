@@ -40,7 +40,7 @@ def load_hf(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, np.ndarray]
     config = ModelConfig.from_hf(path)
     tensors: dict[str, np.ndarray] = {}
     for file in _weight_files(path):
-        for name, array in _read(file):
+        for name, array in _read(file).items():
             name = strip_wrapper_prefixes(name)
             if name in tensors:
                 raise ConvertError(f"tensor {name} appears twice in {path}")
@@ -107,7 +107,10 @@ def _weight_files(path: Path) -> list[Path]:
     for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / name
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map")
+            try:
+                weight_map = json.loads(index.read_text()).get("weight_map")
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise ConvertError(f"{index} is not a JSON object: {e}") from None
             if not isinstance(weight_map, dict):
                 raise ConvertError(f"{index} has no weight_map")
             files = [path / f for f in sorted(set(weight_map.values()))]
@@ -121,27 +124,51 @@ def _weight_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"no weights in {path}: expected one of {', '.join(WEIGHT_FILES)}")
 
 
-def _read(file: Path):
+def _read(file: Path) -> dict[str, np.ndarray]:
+    """name -> array of one weight file; a file that is not one fails naming it."""
     if file.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(file, framework="numpy") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-    else:
-        yield from _read_torch_bin(file)
+        try:
+            with safe_open(file, framework="numpy") as f:
+                return {name: f.get_tensor(name) for name in f.keys()}
+        except SafetensorError as e:
+            raise ConvertError(f"{file} is not a readable safetensors file: {e}") from None
+    return _read_torch_bin(file)
 
 
-def _read_torch_bin(file: Path):
+def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
+    import pickle
+
     import torch
 
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConvertError(f"{file} holds objects other than tensors and containers, which "
+                           f"hammer refuses to unpickle (weights_only=True)") from None
+    except (RuntimeError, EOFError) as e:
+        reason = (str(e) or type(e).__name__).splitlines()[0]
+        raise ConvertError(f"{file} is not a readable torch state dict: {reason}") from None
+    if not isinstance(state, Mapping):
+        raise ConvertError(f"{file} holds a {type(state).__name__}, expected a state dict")
+    out = {}
     for name, t in state.items():
-        t = t.detach().contiguous()
-        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: move the bits, not the values
-            yield name, t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
-        else:
-            yield name, t.numpy()
+        if not isinstance(t, torch.Tensor):  # e.g. a trainer checkpoint {"model": ..., "optimizer": ...}
+            raise ConvertError(f"{file}: entry {name!r} is a {type(t).__name__}, expected a tensor "
+                               f"(a flat state dict)")
+        out[name] = torch_to_numpy(t)
+    return out
+
+
+def torch_to_numpy(t) -> np.ndarray:
+    """A torch tensor as a numpy array on the CPU, bfloat16 as ml_dtypes.bfloat16."""
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: move the bits, not the values
+        return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
 
 
 def _write_safetensors(dst: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:

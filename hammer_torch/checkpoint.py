@@ -63,16 +63,9 @@ def write_torch(dst: str | os.PathLike, config: ModelConfig, tensors: Mapping[st
 
 def to_numpy(state_dict: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """HF-named numpy arrays of a twin state dict (bfloat16 as ml_dtypes.bfloat16), as convert reads."""
-    out = {}
-    for name, t in state_dict.items():
-        t = t.detach().cpu().contiguous()
-        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: move the bits, not the values
-            import ml_dtypes
+    from convert.hf import torch_to_numpy
 
-            out[name] = t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
-        else:
-            out[name] = t.numpy()
-    return out
+    return {name: torch_to_numpy(t) for name, t in state_dict.items()}
 
 
 def to_torch(x: np.ndarray) -> torch.Tensor:

@@ -282,6 +282,48 @@ def test_bad_input_is_one_line_naming_it_with_nonzero_exit_and_no_output(small_h
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
+def _truncated(src, dst):
+    shutil.copy(src / "model.safetensors", dst / "model.safetensors")
+    with open(dst / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+
+
+def _trainer_checkpoint(src, dst):
+    state = {k: torch.from_numpy(v) for k, v in convert.load_hf(src)[1].items()}
+    torch.save({"model": state, "step": 3}, dst / "pytorch_model.bin")
+
+
+def _pickled_numpy(src, dst):
+    torch.save(convert.load_hf(src)[1], dst / "pytorch_model.bin")
+
+
+def _bad_index(src, dst):
+    shutil.copy(src / "model.safetensors", dst / "model.safetensors")
+    (dst / "model.safetensors.index.json").write_text('{"weight_map": ')
+
+
+UNREADABLE = {
+    "truncated safetensors": (_truncated, "model.safetensors is not a readable safetensors file"),
+    "empty pytorch_model.bin": (lambda src, dst: (dst / "pytorch_model.bin").write_bytes(b""),
+                                "pytorch_model.bin is not a readable torch state dict"),
+    "trainer checkpoint": (_trainer_checkpoint, "entry 'model' is a dict, expected a tensor"),
+    "numpy arrays pickled": (_pickled_numpy, "hammer refuses to unpickle (weights_only=True)"),
+    "index not JSON": (_bad_index, "model.safetensors.index.json is not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNREADABLE))
+def test_unreadable_weight_files_are_one_line_errors_naming_the_file(small_hf, tmp_path, capsys, case):
+    write, message = UNREADABLE[case]
+    copy_config(small_hf.path, tmp_path / "src")
+    write(small_hf.path, tmp_path / "src")
+    capsys.readouterr()
+    assert hammer(tmp_path / "src", tmp_path / "dst", "--to", "jax") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "dst").exists()
+
+
 def test_an_existing_destination_is_never_overwritten(small_hf, tmp_path, capsys):
     (tmp_path / "dst").mkdir()
     (tmp_path / "dst" / "mine.txt").write_text("keep")
