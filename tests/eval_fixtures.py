@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tests.tokenizer_fixtures import write_tiny_tokenizer
+
 TEXTS = [
     "The quick brown fox jumps over the lazy dog, then naps in the sun for 15 minutes.",
     "Language models learn to predict the next token from the ones before it.",
@@ -20,22 +22,6 @@ TEXTS = [
 MODEL_DIMS = dict(hidden_size=60, intermediate_size=94, num_hidden_layers=2, num_attention_heads=5,
                   num_key_value_heads=1, head_dim=12, max_position_embeddings=112)
 VOCAB_SIZE = 401
-
-
-def write_tokenizer(directory: Path) -> None:
-    """SentencePiece BPE with byte fallback, written as a Llama tokenizer directory."""
-    import sentencepiece as spm
-
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TEXTS * 10), model_prefix=str(directory / "tokenizer"),
-        model_type="bpe", vocab_size=VOCAB_SIZE, character_coverage=1.0, byte_fallback=True,
-        split_digits=True, add_dummy_prefix=False, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
-        minloglevel=2)
-    (directory / "tokenizer.vocab").unlink()
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": True}))
 
 
 def write_model(directory: Path, seed: int = 0) -> None:
@@ -56,7 +42,7 @@ def write_model(directory: Path, seed: int = 0) -> None:
 
 def write_model_dir(directory: Path, seed: int = 0) -> Path:
     write_model(directory, seed)
-    write_tokenizer(directory)
+    write_tiny_tokenizer(directory, VOCAB_SIZE)
     return directory
 
 

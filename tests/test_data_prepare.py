@@ -12,13 +12,14 @@ import pytest
 
 from hammer.data import DataError, load_prepared, open_source, pack, prepare
 from hammer.data.prepare import INDEX_FILE, PROGRESS_FILE, token_dtype
-from tests.data_helpers import BOS, EOS, ByteTokenizer, ids, train_tiny_sentencepiece, write_jsonl
+from tests.data_helpers import BOS, EOS, ByteTokenizer, ids, write_jsonl
+from tests.tokenizer_fixtures import write_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def sp_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("tok") / "tiny-sp"
-    train_tiny_sentencepiece(directory)
+    write_tiny_tokenizer(directory)
     return directory
 
 
