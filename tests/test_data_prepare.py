@@ -205,6 +205,10 @@ def test_unknown_formats_missing_fields_and_bad_json_are_clear_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
     with pytest.raises(DataError, match="bad.jsonl:2 is not JSON"):
         prepare(ByteTokenizer(), [tmp_path / "bad.jsonl"], tmp_path / "bad-out", block_size=2)
+    # Bad input leaves no output behind, so the corrected rerun starts afresh.
+    assert not (tmp_path / "out").exists() and not (tmp_path / "bad-out").exists()
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": "mended"}\n')
+    assert prepare(ByteTokenizer(), [tmp_path / "bad.jsonl"], tmp_path / "bad-out", block_size=2)["documents"] == 2
 
 
 def _has_tfds() -> bool:

@@ -31,7 +31,8 @@ worker results are consumed in input order, so the output is byte-identical to a
 (and to a run with another number of workers).
 
 Nothing a user made is overwritten: an output that holds anything but an unfinished preparation of
-the very same inputs, or the very same finished dataset (then nothing is done), is refused.
+the very same inputs, or the very same finished dataset (then nothing is done), is refused. A run
+stopped by bad input (a DataError) before any shard of its own or an earlier run's leaves no output.
 """
 from __future__ import annotations
 
@@ -173,10 +174,29 @@ def prepare(tokenizer, inputs: Sequence[str | os.PathLike], output: str | os.Pat
                               "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}}
     key = {"format": FORMAT, "settings": settings, "sources": [s.identity() for s in sources]}
     output = Path(output)
+    created = not output.exists()
     done, state = _claim_output(output, key)
     if done is not None:
         return done
-    return _Preparation(tokenizer, sources, output, settings, key, state, workers, opener, progress).run()
+    try:
+        return _Preparation(tokenizer, sources, output, settings, key, state, workers, opener, progress).run()
+    except DataError:
+        # Bad input is fixed by changing it, and a changed input never resumes this run, so its
+        # progress file would only block the corrected rerun. Other failures (an interrupt, a full
+        # disk) keep their progress to resume from.
+        if state is None or not state["shards"]:
+            _discard(output, created)
+        raise
+
+
+def _discard(output: Path, created: bool) -> None:
+    """Removes what a fresh run wrote into `output` (which it found empty or absent)."""
+    for path in output.iterdir():
+        if path.name == PROGRESS_FILE or path.name.startswith("shard-"):
+            path.unlink()
+    if created:
+        with contextlib.suppress(OSError):  # only when empty
+            output.rmdir()
 
 
 def _claim_output(output: Path, key: dict) -> tuple[dict | None, dict | None]:
@@ -253,9 +273,6 @@ class _Preparation:
                 self._discard_open_shard()
         blocks = sum(s["blocks"] for s in self.shards)
         if blocks == 0:
-            (self.output / PROGRESS_FILE).unlink()
-            with contextlib.suppress(OSError):  # only when empty: the directory was made for this run
-                self.output.rmdir()
             raise DataError(f"inputs give {len(carry)} tokens, less than one block of {self.block_size}; "
                             "nothing to write")
         index = {"format": FORMAT, "settings": self.settings,
