@@ -24,6 +24,10 @@ CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 
 
+# "INTERNAL: src/trainer_interface.cc(123) [check] " before SentencePiece's own words, if any.
+_SENTENCEPIECE_PREFIX = re.compile(r"^[A-Z_]+: (\S+\(\d+\) \[.*\])?")
+
+
 class TokenizerError(ValueError):
     """A tokenizer file that is missing its parts or is not a SentencePiece model."""
 
@@ -197,10 +201,17 @@ def _load_model(model_proto: bytes, name: str) -> spm.SentencePieceProcessor:
     try:
         sp.LoadFromSerializedProto(model_proto)
     except (RuntimeError, OSError, TypeError) as e:
-        raise TokenizerError(f"{name} is not a SentencePiece model: {e}") from None
+        reason = sentencepiece_reason(e) or f"its {len(model_proto)} bytes do not parse as a model"
+        raise TokenizerError(f"{name} is not a SentencePiece model: {reason}") from None
     if sp.vocab_size() == 0:
         raise TokenizerError(f"{name} is not a SentencePiece model (no pieces)")
     return sp
+
+
+def sentencepiece_reason(error: Exception) -> str:
+    """SentencePiece's error message without its "INTERNAL: file.cc(line) [failed check]" prefix."""
+    lines = str(error).strip().splitlines()
+    return _SENTENCEPIECE_PREFIX.sub("", lines[-1]).strip() if lines else ""
 
 
 def _rebuild(model_proto, special, parse_special_tokens, name):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from hammer.tokenizer import sentencepiece_reason
 from hammer.tokenizer_metrics import read_documents
 
 
@@ -65,7 +66,5 @@ def train(sentences: list[str], config: TrainConfig) -> bytes:
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=config.num_threads, minloglevel=2,
         )
     except RuntimeError as e:
-        # SentencePiece reports as "INTERNAL: file(line) [check] message"; keep the message.
-        message = str(e).strip().splitlines()[-1]
-        raise TrainError(f"SentencePiece training failed: {message.split('] ', 1)[-1]}") from None
+        raise TrainError(f"SentencePiece training failed: {sentencepiece_reason(e)}") from None
     return out.getvalue()
