@@ -78,8 +78,10 @@ def apply_rope(x, cos, sin):
 
 
 class RMSNorm(nnx.Module):
-    """Normalized and scaled in float32 whatever the compute dtype (bf16 squares lose the small
-    features); written out so that this does not hang on nnx.RMSNorm's dtype promotion."""
+    """Statistics in float32 whatever the compute dtype (bf16 squares lose the small features),
+    then HF's order: back to the input dtype, times the scale. A bfloat16 model thus rounds here
+    exactly as transformers' LlamaRMSNorm does. Written out so that this does not hang on
+    nnx.RMSNorm's dtype promotion."""
 
     def __init__(self, size: int, eps: float, *, dtype, param_dtype):
         self.scale = nnx.Param(jnp.ones((size,), param_dtype), out_sharding=("embed",),
@@ -87,9 +89,9 @@ class RMSNorm(nnx.Module):
         self.eps, self.dtype = eps, dtype
 
     def __call__(self, x):
-        x = x.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...] * normed.astype(x.dtype)).astype(self.dtype)
 
 
 class Attention(nnx.Module):

@@ -13,8 +13,10 @@ from flax import nnx  # noqa: E402
 import convert  # noqa: E402
 from hammer.config import ModelConfig  # noqa: E402
 from hammer_jax import model_from_params  # noqa: E402
+from hammer_jax.model import RMSNorm as JaxRMSNorm  # noqa: E402
 from hammer_torch.checkpoint import from_tensors  # noqa: E402
 from hammer_torch.loss import causal_lm_loss  # noqa: E402
+from hammer_torch.model import RMSNorm as TwinRMSNorm  # noqa: E402
 
 CONFIGS = {
     "gqa_untied": ModelConfig(vocab_size=1013, hidden_size=96, intermediate_size=172, num_layers=2,
@@ -68,3 +70,22 @@ def test_jax_model_and_twin_agree_in_logits_loss_and_every_gradient(name):
     assert set(jax_grads) == set(twin_grads)
     for n, g in jax_grads.items():
         assert np.linalg.norm(twin_grads[n] - g) <= 1e-4 * np.linalg.norm(g), n
+
+
+def test_rmsnorm_in_bfloat16_rounds_bit_for_bit_as_transformers_in_both_backends():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    size, gen = 97, torch.Generator().manual_seed(0)
+    hf = LlamaRMSNorm(size, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        hf.weight.copy_(1 + 0.2 * torch.randn(size, generator=gen))
+        x = (3 * torch.randn(4, 37, size, generator=gen)).to(torch.bfloat16)
+        expected = hf(x)
+        twin = TwinRMSNorm(size, 1e-5).to(torch.bfloat16)
+        twin.weight.copy_(hf.weight)
+        assert torch.equal(twin(x), expected)
+    norm = JaxRMSNorm(size, 1e-5, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    norm.scale[...] = jnp.asarray(hf.weight.detach().float().numpy(), jnp.bfloat16)
+    got = norm(jnp.asarray(x.float().numpy(), jnp.bfloat16))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), expected.float().numpy())
