@@ -14,11 +14,8 @@ Backends plug in through `Scorer`; this module never imports jax or torch.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -135,31 +132,6 @@ class EvalResult:
         avg = f"{'average':<16}{'':>7}{'':>11}{self.average_loss:>9.4f}{self.average_ppl:>11.3f}{'':>11}"
         lines.append(avg + (f"{self.average_ppl_norm:>11.3f}" if norm else ""))
         return "\n".join(lines)
-
-
-def read_documents(path: str | os.PathLike) -> list[str]:
-    """Documents of a domain file: jsonl with a `text` field, or txt with one document per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"eval data {path} not found")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if path.suffix != ".jsonl":
-        docs = [line for line in lines if line.strip()]
-    else:
-        docs = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number} is not JSON: {e}") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{number} has no string field 'text'")
-            docs.append(record["text"])
-    if not docs:
-        raise ValueError(f"eval data {path} holds no documents")
-    return docs
 
 
 def truncate(text: str, max_tokens: int) -> str:

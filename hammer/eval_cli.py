@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from hammer import eval as harness
+from hammer.documents import read_documents
 from hammer.fsio import atomic_file
 
 BACKENDS = ("jax", "torch", "hf")
@@ -47,8 +48,6 @@ def parse_domains(specs: list[str]) -> dict[str, Path]:
 
 def load_scorer(backend: str, path: Path, dtype: str) -> harness.Scorer:
     """The backend's scorer for the model at `path`; jax and torch are imported only here."""
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} not found")
     if backend == "jax":
         import jax.numpy as jnp
 
@@ -76,6 +75,8 @@ def load_scorer(backend: str, path: Path, dtype: str) -> harness.Scorer:
 def run(args: argparse.Namespace) -> int:
     from hammer.tokenizer import Tokenizer
 
+    if not args.model.is_dir():
+        raise FileNotFoundError(f"model directory {args.model} not found")
     domain_files = parse_domains(args.data)
     if args.json is not None:
         if args.json.exists():
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-tokens must be >= 6, got {args.max_tokens}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    domains = {name: harness.read_documents(file) for name, file in domain_files.items()}
+    domains = {name: read_documents(file) for name, file in domain_files.items()}
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
     reference = Tokenizer.from_pretrained(args.reference_tokenizer) if args.reference_tokenizer else None
     scorer = load_scorer(args.backend, args.model, args.dtype)

@@ -1,11 +1,10 @@
 """How good a tokenizer is: vocab coverage of character sets, and compression of a corpus."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
+from hammer.documents import read_documents
 from hammer.tokenizer import Tokenizer
 
 
@@ -48,31 +47,6 @@ class Compression:
     def compared(self) -> float | None:
         """Tokens of the tokenizer / tokens of the base on the same text: below 1 compresses better."""
         return self.tokens / self.base_tokens if self.base_tokens else None
-
-
-def read_documents(path: str | os.PathLike) -> list[str]:
-    """Documents of a corpus file: each line of a .txt (newline included), each "text" of a .jsonl."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"corpus file {path} not found")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"corpus file {path} is not UTF-8 text: {e}") from None
-    if path.suffix != ".jsonl":
-        return text.splitlines(keepends=True)
-    docs = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            docs.append(record["text"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}:{number} is not a JSON object with a \"text\" field") from None
-        if not isinstance(docs[-1], str):
-            raise ValueError(f"{path}:{number}: \"text\" is not a string")
-    return docs
 
 
 def count_tokens(tok: Tokenizer, docs: list[str], num_workers: int = 1) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from hammer.tokenizer import sentencepiece_reason
-from hammer.tokenizer_metrics import read_documents
+from hammer.documents import read_documents
 
 
 class TrainError(ValueError):

@@ -9,6 +9,7 @@ import sentencepiece as spm
 
 from hammer import eval as harness
 from hammer.cli import main
+from hammer.documents import read_documents
 from hammer.tokenizer import Tokenizer
 from tests.eval_fixtures import TEXTS, write_domain_files, write_model_dir
 
@@ -180,12 +181,18 @@ def test_fixed_shape_scorers_get_the_same_numbers_from_padded_batches(tokenizer)
 
 
 def test_domain_files_are_jsonl_with_a_text_field_or_txt_with_a_document_per_line(tmp_path, domain_files):
-    assert harness.read_documents(domain_files["en"])[0] == TEXTS[0]
-    assert harness.read_documents(domain_files["zh"]) == TEXTS[2:4] + ["语言模型。" * 3, "我们在学习"]
+    assert read_documents(domain_files["en"])[0] == TEXTS[0]
+    assert read_documents(domain_files["zh"]) == TEXTS[2:4] + ["语言模型。" * 3, "我们在学习"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"content": "no text"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:2 has no string field 'text'"):
-        harness.read_documents(bad)
+        read_documents(bad)
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt is not UTF-8"):
+        read_documents(tmp_path / "latin1.txt")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match="blank.txt holds no documents"):
+        read_documents(tmp_path / "blank.txt")
 
 
 def test_hammer_eval_prints_a_table_and_writes_json_matching_the_harness(
@@ -198,7 +205,7 @@ def test_hammer_eval_prints_a_table_and_writes_json_matching_the_harness(
     assert table.splitlines()[0].split() == ["domain", "docs", "tokens", "loss", "ppl", "bits/byte"]
     assert [line.split()[0] for line in table.splitlines()[1:]] == ["en", "zh", "average"]
     report = json.loads(out.read_text())
-    expected = harness.evaluate(hf_scorer, tokenizer, {n: harness.read_documents(f)
+    expected = harness.evaluate(hf_scorer, tokenizer, {n: read_documents(f)
                                                        for n, f in domain_files.items()}, max_tokens=90)
     assert report["backend"] == "hf" and report["max_tokens"] == 90
     for name in ("en", "zh"):
@@ -235,13 +242,14 @@ def test_hammer_eval_hf_backend_refuses_a_directory_without_hf_weights(tmp_path,
     assert "has no HF weights" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("data, message", [
-    ("en", "expected NAME=FILE"),
-    ("en=/nonexistent/x.jsonl", "not found"),
+@pytest.mark.parametrize("model, data, message", [
+    (None, "en", "expected NAME=FILE"),
+    (None, "en=/nonexistent/x.jsonl", "/nonexistent/x.jsonl not found"),
+    ("/nonexistent/model", "en=x.jsonl", "model directory /nonexistent/model not found"),
 ])
-def test_hammer_eval_rejects_bad_data_arguments_in_one_line(tiny_model_dir, tmp_path, data, message, capsys):
+def test_hammer_eval_rejects_bad_arguments_in_one_line(tiny_model_dir, tmp_path, model, data, message, capsys):
     out = tmp_path / "never.json"
-    assert main(["eval", "--model", str(tiny_model_dir), "--backend", "hf", "--data", data,
+    assert main(["eval", "--model", model or str(tiny_model_dir), "--backend", "hf", "--data", data,
                  "--json", str(out)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1

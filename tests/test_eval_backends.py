@@ -3,6 +3,7 @@ import pytest
 
 from hammer import eval as harness
 from hammer.cli import main
+from hammer.documents import read_documents
 from hammer.tokenizer import Tokenizer
 from tests.eval_fixtures import TEXTS, write_domain_files, write_model_dir
 
@@ -60,7 +61,7 @@ def test_hammer_eval_runs_on_every_backend_with_the_numbers_of_transformers(
     capsys.readouterr()
     report = json.loads(out.read_text())
     expected = harness.evaluate(scorers["hf"], Tokenizer.from_pretrained(tiny_model_dir),
-                                {n: harness.read_documents(f) for n, f in files.items()})
+                                {n: read_documents(f) for n, f in files.items()})
     for name in files:
         assert report["domains"][name]["loss"] == pytest.approx(expected[name].loss, rel=1e-4)
 

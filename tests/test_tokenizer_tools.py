@@ -68,11 +68,11 @@ def test_compression_counts_bytes_and_tokens_and_compares_with_a_base(tmp_path, 
     tok, base = Tokenizer(train_tiny_model(add_dummy_prefix=False)), Tokenizer(train_tiny_model(add_dummy_prefix=True))
     tok.save_pretrained(tmp_path / "tok")
     base.save_pretrained(tmp_path / "base")
-    (tmp_path / "a.txt").write_text("天地玄黄\nhello world  42\n", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("天地玄黄\n\nhello world  42\n", encoding="utf-8")
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "def f():\n    return 1"}) + "\n\n", encoding="utf-8")
     rows = run_json(capsys, "compression", tmp_path / "tok", "--data", tmp_path / "a.txt", tmp_path / "b.jsonl",
                     "--base", tmp_path / "base")["files"]
-    docs = [["天地玄黄\n", "hello world  42\n"], ["def f():\n    return 1"]]
+    docs = [["天地玄黄", "hello world  42"], ["def f():\n    return 1"]]  # a .txt line is a document
     for row, file_docs in zip(rows, docs):
         tokens = sum(len(tok.encode(d, add_special_tokens=False)) for d in file_docs)
         base_tokens = sum(len(base.encode(d, add_special_tokens=False)) for d in file_docs)
@@ -119,7 +119,7 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path, tiny_dir, capsy
     train = ["train", "--vocab-size", 499, "--output", out]
     assert "not found" in run_error(capsys, "coverage", tmp_path / "absent")
     assert "not a SentencePiece model" in run_error(capsys, "coverage", tmp_path / "junk.model")
-    assert "holds no text" in run_error(capsys, *train, "--input", tmp_path / "empty.txt")
+    assert "empty.txt holds no documents" in run_error(capsys, *train, "--input", tmp_path / "empty.txt")
     assert "not found" in run_error(capsys, *train, "--input", tmp_path / "absent.txt")
     assert "not UTF-8" in run_error(capsys, *train, "--input", corpus, "--user-defined-symbols", tmp_path / "latin1.txt")
     assert "not single characters" in run_error(capsys, *train, "--input", corpus, "--required-chars", tmp_path / "words.txt")

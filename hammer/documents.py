@@ -1,0 +1,36 @@
+"""Documents of a small text corpus file, read whole: what `hammer eval` scores and what the tokenizer
+tools train on and measure. (`hammer data prepare` streams far larger inputs through `hammer.data`.)"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def read_documents(path: str | os.PathLike) -> list[str]:
+    """The documents of a UTF-8 file: each non-blank line of a .txt (without its line end), or the
+    string field "text" of each JSON object of a .jsonl; at least one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file {path} not found")
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"corpus file {path} is not UTF-8 text: {e}") from None
+    if path.suffix != ".jsonl":
+        docs = [line for line in lines if line.strip()]
+    else:
+        docs = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number} is not JSON: {e}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{number} has no string field 'text'")
+            docs.append(record["text"])
+    if not docs:
+        raise ValueError(f"corpus file {path} holds no documents")
+    return docs
