@@ -20,16 +20,16 @@ class JaxStepper:
             logits, cache = nnx.merge(graphdef, state).decode(ids, cache)
             return logits[0, -1].astype(jnp.float32), cache
 
-        # The cache is rewritten every step; donating it lets XLA update it in place where the
-        # platform supports donation (CPU does not, and would warn).
-        donate = () if jax.default_backend() == "cpu" else (2,)
-        self.compiled_step = jax.jit(step, donate_argnums=donate)
+        # The cache is rewritten every step; donating it lets XLA update it in place.
+        self.compiled_step = jax.jit(step, donate_argnums=(2,))
         self._cache = model.init_cache(1, max_len)
         self.max_len, self.length = max_len, 0
 
     def __call__(self, ids: Sequence[int]) -> np.ndarray:
+        # Checked here, outside jit: inside, the length is traced and an overflowing write clamps.
         if self.length + len(ids) > self.max_len:
-            raise ValueError(f"{len(ids)} tokens after {self.length} exceed the cache's {self.max_len} positions")
+            raise ValueError(f"{len(ids)} new tokens after {self.length} cached exceed the "
+                             f"cache's max_len {self.max_len}")
         logits, self._cache = self.compiled_step(self._state, jnp.asarray([ids], jnp.int32), self._cache)
         self.length += len(ids)
         return np.asarray(logits)

@@ -99,6 +99,19 @@ def test_cached_decoding_with_the_reference_kernel_matches_too():
     assert jnp.abs(jnp.concatenate([first, rest], 1) - forward(model, ids)).max() < 1e-5
 
 
+def test_the_stepper_refuses_decoding_past_its_cache_instead_of_overwriting_it():
+    from hammer_jax.generate import JaxStepper
+
+    model = random_model(TIED, seed=2, attention_impl="xla")
+    ids = np.asarray(tokens(TIED, (1, 5), seed=4))[0].tolist()
+    step = JaxStepper(model, max_len=5)
+    step(ids[:3])
+    with pytest.raises(ValueError, match="3 new tokens after 3 cached exceed the cache's max_len 5"):
+        step(ids[2:])
+    last = step(ids[3:])  # the refused call changed nothing
+    np.testing.assert_allclose(last, np.asarray(forward(model, jnp.asarray([ids])))[0, -1], atol=1e-5)
+
+
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["list", "scan"])
 def test_every_parameter_carries_logical_axis_names_one_per_dimension(scan_layers):
     model = nnx.eval_shape(lambda: Llama(GQA, rngs=nnx.Rngs(0), scan_layers=scan_layers))
