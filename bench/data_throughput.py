@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=2048)
     args = parser.parse_args()
+    load_at_start = round(os.getloadavg()[0], 2)  # other work on the cores slows the parallel rows
 
     tokenizer = Tokenizer.from_pretrained(args.tokenizer)
     rows = []
@@ -86,12 +87,14 @@ def main() -> None:
 
     result = {"tokenizer": str(args.tokenizer), "vocab_size": tokenizer.vocab_size, "corpus_mb": megabytes,
               "tokens": index["tokens"], "blocks": index["blocks"], "prepare_outputs_identical": identical,
-              "cpus": os.cpu_count(), "python": platform.python_version(), "rows": rows}
+              "cpus": os.cpu_count(), "load_average_at_start": load_at_start,
+              "python": platform.python_version(), "rows": rows}
     results = REPO / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / "data_throughput.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"corpus {megabytes:.1f} MB, {index['tokens']} tokens, {index['blocks']} blocks; tokenizer vocab "
-          f"{tokenizer.vocab_size}; {os.cpu_count()} CPUs; 1- and 2-worker outputs identical: {identical}")
+          f"{tokenizer.vocab_size}; {os.cpu_count()} CPUs, load average {load_at_start} at start; "
+          f"1- and 2-worker outputs identical: {identical}")
     print(f"| {'what':<28} | {'seconds':>8} | {'tokens/s':>11} | {'MB/s':>6} |")
     print(f"|{'-' * 30}|{'-' * 10}:|{'-' * 12}:|{'-' * 7}:|")
     for row in rows:

@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="best of this many runs")
     parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "tokenize_throughput.json")
     args = parser.parse_args()
+    load_at_start = round(os.getloadavg()[0], 2)  # other work on the cores slows the parallel rows
 
     import transformers
 
@@ -77,8 +78,8 @@ def main() -> None:
     tok.save_pretrained(hf_dir)
 
     contenders = {
-        "hammer Tokenizer, 1 worker": lambda: tok.encode_batch(docs, num_workers=1),
-        "hammer Tokenizer, 2 workers": lambda: tok.encode_batch(docs, num_workers=2),
+        "hammer Tokenizer, 1 thread": lambda: tok.encode_batch(docs, num_workers=1),
+        "hammer Tokenizer, 2 SentencePiece threads": lambda: tok.encode_batch(docs, num_workers=2),
         "hammer Tokenizer, per-doc encode()": lambda: [tok.encode(d) for d in docs],
     }
     # transformers' own Llama classes on the released directory (add_prefix_space=False: see tokenizer_hf).
@@ -107,11 +108,13 @@ def main() -> None:
                      "ids_equal_hammer": round(same, 4)})
     result = {"corpus_mb": round(mb, 3), "documents": len(docs), "repeat": args.repeat,
               "tokenizer": str(args.tokenizer), "transformers": transformers.__version__,
-              "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(), "rows": rows}
+              "cpus": os.cpu_count(), "load_average_at_start": load_at_start,
+              "machine": platform.processor() or platform.machine(), "rows": rows}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     width = max(len(r["tokenizer"]) for r in rows)
-    print(f"{mb:.2f} MB, {len(docs)} documents, best of {args.repeat}, {os.cpu_count()} CPUs")
+    print(f"{mb:.2f} MB, {len(docs)} documents, best of {args.repeat}, {os.cpu_count()} CPUs, "
+          f"load average {load_at_start} at start")
     print(f"{'tokenizer':<{width}}  {'MB/s':>7}  {'ids = hammer':>12}")
     for r in rows:
         print(f"{r['tokenizer']:<{width}}  {r['mb_per_s']:>7.2f}  {r['ids_equal_hammer']:>12.2%}")
