@@ -18,7 +18,9 @@ def register(subparsers) -> None:
                               "formats), a datasets save_to_disk directory, a directory of text files "
                               "(a document a file), or tfds:NAME[:SPLIT]")
     prepare.add_argument("--output", required=True, help="new directory (or an unfinished run's, to resume)")
-    prepare.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
+    prepare.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                         help=f"tokens per block (default {DEFAULT_BLOCK_SIZE}); the tail after the last "
+                              "full block is dropped and counted")
     prepare.add_argument("--text-field", default="text", help="field holding the text (jsonl, parquet, HF, TFDS)")
     prepare.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     prepare.add_argument("--blocks-per-shard", type=int, default=None,
