@@ -145,9 +145,18 @@ def test_jax_to_hf_to_jax_is_bit_identical(small_hf, tmp_path, dtype, scan_layer
         assert flat_back[path].dtype == x.dtype and np.array_equal(flat_back[path], x), path
 
 
-def test_dtype_option_writes_bfloat16_that_reads_back_without_torch(small_hf, tmp_path, monkeypatch):
+def test_dtype_option_writes_bfloat16_that_round_trips_and_reads_back_without_torch(
+        small_hf, tmp_path, monkeypatch):
     assert hammer(small_hf.path, tmp_path / "bf16", "--to", "hf", "--dtype", "bfloat16") == 0
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert hammer(tmp_path / "bf16", tmp_path / "jax", "--to", "jax") == 0
+    assert hammer(tmp_path / "jax", tmp_path / "back", "--to", "hf") == 0
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype="auto").dtype == torch.bfloat16
+    first, back = convert.load_hf(tmp_path / "bf16")[1], convert.load_hf(tmp_path / "back")[1]
+    assert sorted(back) == sorted(first)
+    for name, x in first.items():
+        assert back[name].dtype == x.dtype and np.array_equal(back[name].view(np.uint16), x.view(np.uint16))
     monkeypatch.setitem(__import__("sys").modules, "torch", None)  # any `import torch` now fails
     _, tensors = convert.load_hf(tmp_path / "bf16")
     _, source = convert.load_hf(small_hf.path)
@@ -232,11 +241,20 @@ def test_tokenizer_files_of_the_source_are_carried_through_both_formats(small_hf
         assert (tmp_path / "hf" / name).read_bytes() == (src / name).read_bytes()
 
 
-def test_tokenizer_option_writes_the_given_tokenizer(small_hf, tmp_path, hammerllm_dir):
+def test_tokenizer_option_writes_a_tokenizer_transformers_encodes_as_hammer(small_hf, tmp_path,
+                                                                             hammerllm_dir):
+    from transformers import AutoTokenizer
+
+    from hammer.tokenizer import Tokenizer
+
     assert hammer(small_hf.path, tmp_path / "hf", "--to", "hf",
                   "--tokenizer", hammerllm_dir / "tokenizer") == 0
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (
         hammerllm_dir / "tokenizer" / "tokenizer.model").read_bytes()
+    ours = Tokenizer.from_pretrained(hammerllm_dir / "tokenizer")
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in ["你好 world", "def f(x):\n    return x  # 注释 12345", "  two spaces (then) 龘 😀"]:
+        assert theirs(text)["input_ids"] == ours.encode(text), text
 
 
 def break_checkpoint(src, dst, *, config=(), tensors=(), drop_config=False):
