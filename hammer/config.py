@@ -125,12 +125,12 @@ class ModelConfig:
         for key, expected in _REQUIRED_VALUES.items():
             if key in hf and hf[key] != expected:
                 raise ConfigError(f"{where}: {key} is {hf[key]!r}, only {expected!r} is supported")
-        rope_theta = _rope_theta(hf, where)
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
                                "num_hidden_layers", "num_attention_heads") if k not in hf]
         if missing:
             raise ConfigError(f"{where}: missing {', '.join(missing)}")
         num_heads = hf["num_attention_heads"]
+        num_kv_heads = hf.get("num_key_value_heads")  # null or absent: one per query head
         try:
             return cls(
                 vocab_size=hf["vocab_size"],
@@ -138,15 +138,15 @@ class ModelConfig:
                 intermediate_size=hf["intermediate_size"],
                 num_layers=hf["num_hidden_layers"],
                 num_heads=num_heads,
-                num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+                num_kv_heads=num_heads if num_kv_heads is None else num_kv_heads,
                 head_dim=hf.get("head_dim") or 0,
                 max_position_embeddings=hf.get("max_position_embeddings", 2048),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),  # LlamaConfig's default
-                rope_theta=rope_theta,
+                rms_norm_eps=_float(hf, "rms_norm_eps", 1e-6),  # LlamaConfig's default
+                rope_theta=_rope_theta(hf),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                initializer_range=float(hf.get("initializer_range", 0.02)),
+                initializer_range=_float(hf, "initializer_range", 0.02),
                 bos_token_id=hf.get("bos_token_id", 1),
-                eos_token_id=_single_id(hf.get("eos_token_id", 2), "eos_token_id", where),
+                eos_token_id=_single_id(hf.get("eos_token_id", 2), "eos_token_id"),
                 pad_token_id=hf.get("pad_token_id"),
             )
         except ConfigError as e:
@@ -195,21 +195,28 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _rope_theta(hf: dict[str, Any], where: str) -> float:
+def _rope_theta(hf: dict[str, Any]) -> float:
     """transformers 5 writes rope_parameters, 4 wrote rope_theta (+ rope_scaling), old Llama neither."""
-    theta = float(hf.get("rope_theta", 10000.0))
+    theta = _float(hf, "rope_theta", 10000.0)
     for key in ("rope_scaling", "rope_parameters"):
         params = hf.get(key) or {}
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type != "default":
-            raise ConfigError(f"{where}: rope scaling {rope_type!r} is not supported, only plain RoPE")
-        theta = float(params.get("rope_theta", theta))
+            raise ConfigError(f"rope scaling {rope_type!r} is not supported, only plain RoPE")
+        theta = _float(params, "rope_theta", theta)
     return theta
 
 
-def _single_id(value: Any, name: str, where: str) -> int | None:
+def _float(hf: Mapping[str, Any], key: str, default: float) -> float:
+    value = hf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _single_id(value: Any, name: str) -> int | None:
     if isinstance(value, list):
         if len(value) != 1:
-            raise ConfigError(f"{where}: {name} {value} lists several ids, expected one")
+            raise ConfigError(f"{name} {value} lists several ids, expected one")
         return value[0]
     return value

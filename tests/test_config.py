@@ -72,6 +72,10 @@ def test_invalid_values_are_refused_naming_field_and_value(change, message):
     ({"model_type": "gpt2"}, "model_type is 'gpt2'"),
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling 'linear' is not supported"),
     ({"attention_bias": True}, "attention_bias is True"),
+    ({"num_key_value_heads": 0}, "num_kv_heads must be a positive integer, got 0"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps must be a number, got '1e-5'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": None}}, "rope_theta must be a number"),
+    ({"eos_token_id": [2, 7]}, "^config: eos_token_id \\[2, 7\\] lists several ids"),
 ])
 def test_unsupported_hf_configs_are_refused(extra, message):
     hf = {**ModelConfig(**BASE).to_hf(), **extra}
@@ -87,3 +91,12 @@ def test_missing_config_json_names_the_path(tmp_path):
 def test_tiny_preset_loads():
     config = ModelConfig.from_hf(json.loads((REPO / "configs" / "tiny.json").read_text()))
     assert config.num_heads % config.num_kv_heads == 0
+
+
+def test_replace_rederives_head_dim_and_flops_per_token_counts_6n_plus_attention():
+    config = ModelConfig.from_hf(REPO / "configs" / "hammerllm-1.4b.json")
+    assert config.replace(num_heads=16).head_dim == 128
+    assert config.replace(hidden_size=1024, head_dim=80).head_dim == 80
+    assert config.param_count(embeddings=False) == 1_402_288_128 - 105789 * 2048  # the head stays
+    # 6 x 1,185,632,256 non-embedding parameters + 12 x 22 layers x 2048 x 2048 tokens of attention
+    assert config.flops_per_token(2048) == 8_221_089_792
