@@ -73,6 +73,7 @@ def load_scorer(backend: str, path: Path, dtype: str) -> harness.Scorer:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hammer.config import ModelConfig
     from hammer.tokenizer import Tokenizer
 
     if not args.model.is_dir():
@@ -89,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     domains = {name: read_documents(file) for name, file in domain_files.items()}
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
+    tokenizer.check_fits(ModelConfig.from_hf(args.model).vocab_size, str(args.model))
     reference = Tokenizer.from_pretrained(args.reference_tokenizer) if args.reference_tokenizer else None
     scorer = load_scorer(args.backend, args.model, args.dtype)
     result = harness.evaluate(scorer, tokenizer, domains, max_tokens=args.max_tokens,

@@ -55,9 +55,14 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"model directory {args.model} not found")
     config = ModelConfig.from_hf(args.model)
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
+    tokenizer.check_fits(config.vocab_size, str(args.model))
     prompt_ids = tokenizer.encode(args.prompt)
     check_context(len(prompt_ids), args.max_new_tokens, config.max_position_embeddings)
-    step = load_stepper(args.backend, args.model, args.dtype, len(prompt_ids) + args.max_new_tokens)
+    stepper = load_stepper(args.backend, args.model, args.dtype, len(prompt_ids) + args.max_new_tokens)
+
+    def step(ids):  # rows past the tokenizer's ids (vocab padding) were never trained and cannot be printed
+        return stepper(ids)[: tokenizer.vocab_size]
+
     stream = TextStream(tokenizer, sys.stdout, prompt_ids)
     stream.flush()  # the prompt as the model reads it
     generate(step, prompt_ids, max_new_tokens=args.max_new_tokens, sampler=sampler,

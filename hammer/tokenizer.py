@@ -148,6 +148,13 @@ class Tokenizer:
             batch = self._sp.encode(list(texts), num_threads=num_workers)
         return [self._add_special(ids) for ids in batch] if add_special_tokens else batch
 
+    def check_fits(self, model_vocab_size: int, model: str) -> None:
+        """Refuses to pair with a model whose embedding has fewer rows than this tokenizer has ids
+        (more rows, vocab padding, are fine): past the table a JAX lookup clamps or gives NaN, silently."""
+        if self.vocab_size > model_vocab_size:
+            raise TokenizerError(f"tokenizer {self.name} has {self.vocab_size} pieces, more than the "
+                                 f"{model_vocab_size} of model {model}; use the tokenizer the model was trained with")
+
     def decode(self, ids) -> str:
         """The text of `ids`; control ids (BOS, EOS, pad) decode to nothing."""
         return self._sp.decode([int(i) for i in ids])

@@ -242,6 +242,13 @@ def test_hammer_eval_hf_backend_refuses_a_directory_without_hf_weights(tmp_path,
     assert "has no HF weights" in capsys.readouterr().err
 
 
+def test_hammer_eval_refuses_a_tokenizer_with_ids_past_the_models_embedding(
+        tiny_model_dir, domain_files, hammerllm_dir, capsys):
+    assert main(["eval", "--model", str(tiny_model_dir), "--tokenizer", str(hammerllm_dir / "tokenizer"),
+                 "--backend", "jax", "--data", f"zh={domain_files['zh']}"]) == 2
+    assert "has 105789 pieces, more than the 401 of model" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("model, data, message", [
     (None, "en", "expected NAME=FILE"),
     (None, "en=/nonexistent/x.jsonl", "/nonexistent/x.jsonl not found"),

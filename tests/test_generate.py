@@ -159,3 +159,31 @@ def test_hammer_generate_refuses_a_prompt_that_does_not_fit_the_context(tiny_mod
                  "--max-new-tokens", str(context)]) == 2
     err = capsys.readouterr().err
     assert f"exceed the model's context of {context}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_hammer_generate_never_samples_the_vocab_padding_and_refuses_a_bigger_tokenizer(
+        tiny_model_dir, tokenizer, hf_greedy, hammerllm_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    # The fixture model with 8 padding rows whose logits (±30x four real rows) dwarf every real one.
+    padded = tmp_path / "padded"
+    shutil.copytree(tiny_model_dir, padded)
+    weights = load_file(padded / "model.safetensors")
+    head = weights["lm_head.weight"]
+    extra = np.concatenate([30 * head[[5, 6, 7, 8]], -30 * head[[5, 6, 7, 8]]])
+    weights["lm_head.weight"] = np.concatenate([head, extra])
+    embed = weights["model.embed_tokens.weight"]
+    weights["model.embed_tokens.weight"] = np.concatenate([embed, np.zeros_like(extra)])
+    save_file(weights, padded / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((padded / "config.json").read_text())
+    (padded / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
+    assert main(["generate", "--model", str(padded), "--prompt", PROMPT, "--backend", "torch",
+                 "--max-new-tokens", str(NEW_TOKENS), "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == tokenizer.decode(tokenizer.encode(PROMPT) + hf_greedy) + "\n"
+
+    assert main(["generate", "--model", str(tiny_model_dir), "--tokenizer", str(hammerllm_dir / "tokenizer"),
+                 "--prompt", PROMPT, "--backend", "torch"]) == 2
+    assert "has 105789 pieces, more than the 401 of model" in capsys.readouterr().err
