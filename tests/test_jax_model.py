@@ -156,7 +156,7 @@ from hammer.config import ModelConfig
 from hammer_jax import Llama, model_from_params, params_of
 from hammer_jax.sharding import RULES, logical_to_spec
 from jax.sharding import PartitionSpec as P
-from hammer_jax.sharding import make_mesh, init_sharded
+from hammer_jax.sharding import make_mesh, init_sharded, shard
 config = ModelConfig(vocab_size=1013, hidden_size=96, intermediate_size=136, num_layers=2,
                      num_heads=8, num_kv_heads=2)
 assert jax.device_count() == 8, jax.devices()
@@ -173,6 +173,10 @@ ids = jax.random.randint(jax.random.key(0), (4, 9), 0, config.vocab_size)
 forward = nnx.jit(lambda m, x: m(x))
 diff = float(jnp.abs(forward(sharded, ids) - forward(plain, ids)).max())
 assert diff < 1e-5, diff
+moved = shard(model_from_params(config, jax.device_get(params_of(sharded)), **options), mesh)
+down = moved.layers.mlp.down_proj.kernel[...]
+assert tuple(down.sharding.spec)[:3] == (None, "tensor", "fsdp"), down.sharding
+assert float(jnp.abs(forward(moved, ids) - forward(plain, ids)).max()) < 1e-5
 print("ok")
 """
 
