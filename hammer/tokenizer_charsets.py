@@ -51,7 +51,7 @@ def read_charsets(path: str | os.PathLike) -> dict[str, list[str]]:
         except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
             raise CharsetError(f"{path} is not a charsets json ({{name: {{\"texts\": [...]}}}}): {e}") from None
     else:
-        sets = {path.stem: [line for line in text.split("\n") if line != ""]}
+        sets = {path.stem: _lines(text)}
     for name, chars in sets.items():
         bad = [c for c in chars if not isinstance(c, str) or len(c) != 1]
         if bad:
@@ -62,7 +62,13 @@ def read_charsets(path: str | os.PathLike) -> dict[str, list[str]]:
 
 def read_lines(path: str | os.PathLike) -> list[str]:
     """The non-empty lines of a UTF-8 text file (a user-defined symbol file)."""
-    return [line for line in _read_text(Path(path)).split("\n") if line != ""]
+    return _lines(_read_text(Path(path)))
+
+
+def _lines(text: str) -> list[str]:
+    # Split on line ends only ("\n" or "\r\n"): a symbol may be a space, or a character that
+    # str.splitlines() would take for a line break (U+2028, U+0085, ...).
+    return [line.removesuffix("\r") for line in text.split("\n") if line not in ("", "\r")]
 
 
 def _read_text(path: Path) -> str:

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from hammer.tokenizer_charsets import CharsetError, read_charsets, tgh_levels
+from hammer.tokenizer_charsets import CharsetError, read_charsets, read_lines, tgh_levels
 from tests.conftest import REPO
 
 
@@ -43,3 +43,10 @@ def test_character_lists_refuse_entries_that_are_not_single_characters(tmp_path)
         read_charsets(tmp_path / "bad.json")
     (tmp_path / "good.txt").write_text("天\n地\n", encoding="utf-8")
     assert read_charsets(tmp_path / "good.txt") == {"good": ["天", "地"]}
+    (tmp_path / "windows.txt").write_bytes("天\r\n地\r\n".encode())
+    assert read_charsets(tmp_path / "windows.txt") == {"windows": ["天", "地"]}
+
+
+def test_symbol_files_split_on_line_ends_only(tmp_path):
+    (tmp_path / "symbols.txt").write_bytes("<p>\r\n</p >\n \n\u2028\n\n".encode())
+    assert read_lines(tmp_path / "symbols.txt") == ["<p>", "</p >", " ", "\u2028"]
