@@ -27,9 +27,28 @@ def model_from_params(config: ModelConfig, params: Mapping[str, Any], **model_op
     """A Llama holding `params` (nested dict in its own layout), built without a random init."""
     abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), **model_options))
     graphdef, state = nnx.split(abstract)
+    _check_shapes(nnx.to_pure_dict(state), params)
     param_dtype = model_options.get("param_dtype", jnp.float32)
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, param_dtype), params))
     return nnx.merge(graphdef, state)
+
+
+def _check_shapes(expected: Mapping[str, Any], params: Mapping[str, Any]) -> None:
+    """Every parameter present, none extra, each of the model's shape: nnx itself would take a
+    wrong shape silently and fail far away on a missing one."""
+    def shapes(tree):
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {".".join(str(k.key) for k in path): tuple(x.shape) for path, x in leaves}
+
+    want, got = shapes(expected), shapes(params)
+    for name in sorted(want.keys() | got.keys()):
+        if name not in got:
+            raise convert.ConvertError(f"missing JAX parameter {name}")
+        if name not in want:
+            raise convert.ConvertError(f"unexpected JAX parameter {name}")
+        if got[name] != want[name]:
+            raise convert.ConvertError(f"JAX parameter {name} has shape {got[name]}, "
+                                       f"expected {want[name]}")
 
 
 def params_of(model: Llama) -> dict[str, Any]:

@@ -144,6 +144,18 @@ def test_bfloat16_compute_stays_close_to_float32():
     assert jnp.abs(logits.astype(jnp.float32) - reference).max() < 0.02 * jnp.abs(reference).max()
 
 
+def test_params_with_a_wrong_shape_a_missing_or_an_extra_entry_are_refused_naming_the_path():
+    params = params_of(random_model(TIED))
+    params["norm"]["scale"] = np.ones(55, np.float32)
+    with pytest.raises(convert.ConvertError, match=r"norm\.scale has shape \(55,\), expected \(56,\)"):
+        model_from_params(TIED, params)
+    del params["layers"][1]["mlp"]
+    with pytest.raises(convert.ConvertError, match=r"missing JAX parameter layers\.1\.mlp\.down_proj"):
+        model_from_params(TIED, params)
+    with pytest.raises(convert.ConvertError, match=r"unexpected JAX parameter lm_head\.kernel"):
+        model_from_params(TIED, {**params_of(random_model(TIED)), "lm_head": {"kernel": np.ones((56, 389))}})
+
+
 def test_unknown_attention_implementation_is_refused_naming_it():
     with pytest.raises(ValueError, match="'flash'"):
         Llama(TIED, rngs=nnx.Rngs(0), attention_impl="flash")
