@@ -33,6 +33,7 @@ def atomic_directory(dst: str | os.PathLike) -> Iterator[Path]:
 def atomic_file(dst: str | os.PathLike, mode: str = "w") -> Iterator:
     """An open file that replaces `dst` atomically when the block succeeds."""
     dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
     try:
         with os.fdopen(fd, mode) as f:

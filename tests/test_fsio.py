@@ -46,6 +46,15 @@ def test_atomic_file_replaces_only_on_success(tmp_path):
     assert stat.S_IMODE(dst.stat().st_mode) == 0o666 & ~_umask()
 
 
+def test_atomic_outputs_create_missing_parent_directories(tmp_path):
+    with atomic_file(tmp_path / "new" / "index.json") as f:
+        f.write("x")
+    with atomic_directory(tmp_path / "other" / "out") as tmp:
+        (tmp / "a.txt").write_text("y")
+    assert (tmp_path / "new" / "index.json").read_text() == "x"
+    assert (tmp_path / "other" / "out" / "a.txt").read_text() == "y"
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)
