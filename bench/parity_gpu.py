@@ -70,6 +70,10 @@ class Report:
         except Skip as e:
             self.skip(check, str(e))
             return
+        except Exception as e:  # one broken kernel must not hide the other rows
+            self.rows.append({"check": check, "status": f"FAIL: {type(e).__name__}: {e}"})
+            print(f"{check:<52} FAIL: {type(e).__name__}: {e}", flush=True)
+            return
         row = {"check": check, **result, "tol_rel": tol, "seconds": round(time.perf_counter() - start, 2)}
         row["status"] = "ok" if result["rel"] <= tol else "FAIL"
         self.rows.append(row)
@@ -126,21 +130,20 @@ def main() -> int:
     def sdpa_flash_bf16():
         return diff(twin_bf16(), reference)
 
-    def flash_attn_bf16():
+    def need_flash_attn():
         need_cuda()
         try:
             import flash_attn  # noqa: F401
         except ImportError:
             raise Skip("flash-attn is not installed") from None
+
+    def flash_attn_bf16():
+        need_flash_attn()
         return diff(twin_logits(config, tensors, ids, device=device, dtype=bf16, attn_impl="flash_attn"),
                     reference)
 
     def flash_attn_vs_sdpa_bf16():
-        need_cuda()
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            raise Skip("flash-attn is not installed") from None
+        need_flash_attn()
         kw = dict(device=device, dtype=bf16)
         return diff(twin_logits(config, tensors, ids, attn_impl="flash_attn", **kw),
                     twin_logits(config, tensors, ids, attn_impl="sdpa", **kw))
@@ -154,6 +157,24 @@ def main() -> int:
             kw = dict(device=device, dtype=dtype, attn_impl=impl)
             return diff(twin_logits(config, tensors, ids, compile=True, **kw),
                         twin_logits(config, tensors, ids, **kw))
+        return run
+
+    def cached_decode(impl):
+        """Prefill, then several tokens at once (the bottom-right causal mask against a cache),
+        then single steps, against one full forward; bfloat16 on CUDA."""
+        def run():
+            if impl == "flash_attn":
+                need_flash_attn()
+            dtype = bf16 if cuda else torch.float32
+            model = from_tensors(config, tensors, dtype=dtype, attn_impl=impl).to(device)
+            x = torch.from_numpy(ids).to(device)
+            a, b, end = x.shape[1] // 2, x.shape[1] // 2 + 7, min(x.shape[1], x.shape[1] // 2 + 15)
+            cache = model.init_cache(x.shape[0], end)
+            with torch.no_grad():
+                full = model(x[:, :end])
+                pieces = [model.decode(x[:, :a], cache), model.decode(x[:, a:b], cache)]
+                pieces += [model.decode(x[:, i:i + 1], cache) for i in range(b, end)]
+            return diff(torch.cat(pieces, 1).float().cpu().numpy(), full.float().cpu().numpy())
         return run
 
     def chunked_loss():
@@ -174,6 +195,9 @@ def main() -> int:
         report.add("twin compiled eager f32 vs not compiled", 1e-4, compiled(torch.float32, "eager"))
     else:
         report.add("twin compiled sdpa f32 vs not compiled", TOL_F32, compiled(torch.float32, "sdpa"))
+    report.add(f"twin sdpa cached decode vs full forward {'bf16' if cuda else 'f32'}",
+               TOL_BF16 if cuda else TOL_F32, cached_decode("sdpa"))
+    report.add("twin flash_attn cached decode vs full forward bf16", TOL_BF16, cached_decode("flash_attn"))
     report.add("twin chunked loss vs plain loss f32", 1e-6, chunked_loss)
     jax_rows(report, config, tensors, ids, reference, twin_bf16)
     memory = loss_memory() if cuda else None
@@ -187,7 +211,7 @@ def main() -> int:
     with atomic_file(args.out) as f:
         json.dump(results, f, indent=2)
     print(f"wrote {args.out}")
-    return 1 if any(r["status"] == "FAIL" for r in report.rows) else 0
+    return 1 if any(r["status"].startswith("FAIL") for r in report.rows) else 0
 
 
 def loss_memory(batch: int = 8, seq: int = 2048, hidden: int = 2048, vocab: int = 105789) -> dict:
