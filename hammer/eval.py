@@ -47,8 +47,7 @@ class Scorer(Protocol):
 
 
 class EncodesText(Protocol):
-    def encode_batch(self, texts: list[str], add_special_tokens: bool = True,
-                     num_workers: int = 1) -> list[list[int]]: ...
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]: ...
 
     def decode(self, ids) -> str: ...
 
@@ -141,7 +140,7 @@ def truncate(text: str, max_tokens: int) -> str:
 
 def evaluate(scorer: Scorer, tokenizer: EncodesText, domains: Mapping[str, Sequence[str]], *,
              max_tokens: int = DEFAULT_MAX_TOKENS, batch_size: int = DEFAULT_BATCH_SIZE,
-             reference_tokenizer: EncodesText | None = None, num_workers: int = 1) -> EvalResult:
+             reference_tokenizer: EncodesText | None = None) -> EvalResult:
     """Scores every domain's documents with `scorer`; ids come from `tokenizer`, the model's own."""
     if max_tokens < 6:
         raise ValueError(f"max_tokens must be >= 6 (two characters to score), got {max_tokens}")
@@ -153,7 +152,7 @@ def evaluate(scorer: Scorer, tokenizer: EncodesText, domains: Mapping[str, Seque
     results = []
     for name, docs in domains.items():
         texts = [truncate(t, max_tokens) for t in docs]
-        ids = tokenizer.encode_batch(texts, add_special_tokens=False, num_workers=num_workers)
+        ids = tokenizer.encode_batch(texts, add_special_tokens=False)
         cut = [i for i, doc in enumerate(ids) if len(doc) > limit]
         for i in cut:  # bytes and reference tokens then count the text of the ids kept
             ids[i] = ids[i][:limit]
@@ -164,8 +163,8 @@ def evaluate(scorer: Scorer, tokenizer: EncodesText, domains: Mapping[str, Seque
         nll = float(document_nll(scorer, ids, batch_size).sum())
         reference = None
         if reference_tokenizer is not None:
-            reference = sum(max(len(r) - 1, 0) for r in reference_tokenizer.encode_batch(
-                texts, add_special_tokens=False, num_workers=num_workers))
+            reference = sum(max(len(r) - 1, 0)
+                            for r in reference_tokenizer.encode_batch(texts, add_special_tokens=False))
         n_bytes = sum(len(t.encode("utf-8")) for t in texts)
         results.append(DomainResult(name, len(docs), scored, nll, n_bytes, len(cut), reference))
     return EvalResult(tuple(results), max_tokens)
