@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hammer.cli import main
 from hammer.data import DataError, load_prepared, open_source, pack, prepare
 from hammer.data.prepare import INDEX_FILE, PROGRESS_FILE, token_dtype
+from hammer.tokenizer import Tokenizer
 from tests.data_helpers import BOS, EOS, ByteTokenizer, ids, write_jsonl
 from tests.tokenizer_fixtures import write_tiny_tokenizer
 
@@ -25,8 +27,6 @@ def sp_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sp_tokenizer(sp_dir):
-    from hammer.tokenizer import Tokenizer
-
     return Tokenizer.from_pretrained(sp_dir)
 
 
@@ -307,3 +307,18 @@ def test_a_vocab_over_65536_ids_is_stored_as_uint32(tmp_path):
     ds = load_prepared(tmp_path / "out")
     assert index["settings"]["dtype"] == "uint32" and index["shards"][0]["bytes"] == len(ds) * 6 * 4
     assert ds[0].tolist() == [BOS, 69_999, *ids("abc"), EOS]
+
+
+def test_hammer_data_prepare_with_hammerllms_tokenizer_writes_uint32_blocks_of_2048_by_default(
+        tmp_path, hammerllm_dir):
+    texts = [f"第{i}篇：北京是中国的首都。The quick brown fox {i}.\n    def f(x): return x * {i}" for i in range(200)]
+    data = write_jsonl(tmp_path / "in.jsonl", texts)
+    assert main(["data", "prepare", "--tokenizer", str(hammerllm_dir / "tokenizer"), "--input", str(data),
+                 "--output", str(tmp_path / "out"), "--quiet"]) == 0
+    tok = Tokenizer.from_pretrained(hammerllm_dir / "tokenizer")
+    ds = load_prepared(tmp_path / "out", tokenizer=tok)
+    stream = [i for t in texts for i in [1, *tok.encode(t, add_special_tokens=False), 2]]
+    assert (ds.block_size, ds.dtype, tok.vocab_size) == (2048, np.dtype("<u4"), 105789)
+    assert len(ds) == len(stream) // 2048 >= 2
+    assert np.concatenate([ds[i] for i in range(len(ds))]).tolist() == stream[: len(ds) * 2048]
+    assert ds.metadata["dropped_tokens"] == len(stream) % 2048
