@@ -156,7 +156,8 @@ def evaluate(scorer: Scorer, tokenizer: EncodesText, domains: Mapping[str, Seque
         cut = [i for i, doc in enumerate(ids) if len(doc) > limit]
         for i in cut:  # bytes and reference tokens then count the text of the ids kept
             ids[i] = ids[i][:limit]
-            texts[i] = tokenizer.decode(ids[i])
+            # A cut inside a character's byte-fallback pieces decodes to U+FFFD; that character is not kept.
+            texts[i] = tokenizer.decode(ids[i]).rstrip("\ufffd")
         scored = sum(max(len(doc) - 1, 0) for doc in ids)
         if scored == 0:
             raise ValueError(f"domain {name!r}: no document has two tokens to score")

@@ -117,6 +117,7 @@ def test_ids_are_cut_at_max_tokens_and_at_the_model_context(tokenizer):
     short_context = IdScorer(max_length=9)
     d = harness.evaluate(short_context, tokenizer, {"d": [text, "ab"]}, max_tokens=12)["d"]
     assert d.scored_tokens == 8 + len(tokenizer.encode("ab", add_special_tokens=False)) - 1
+    assert d.bytes == 8 + 2  # two whole characters of the cut document (its ninth id is a first byte), and "ab"
     assert max(shape[1] for shape in short_context.calls) <= 9
 
 
