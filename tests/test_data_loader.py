@@ -56,6 +56,10 @@ def test_restoring_seed_and_step_gives_exactly_the_next_batches(small_and_large)
     restored.restore(LoaderState.from_dict(saved))
     assert restored.state == LoaderState(3, 13)
     np.testing.assert_array_equal(np.stack([next(restored) for _ in range(4)]), np.stack(expected))
+    with pytest.raises(DataError, match="seed=3, step=-1"):
+        LoaderState.from_dict({"seed": 3, "step": -1})
+    with pytest.raises(DataError, match="seed=-1, step=0"):
+        Loader(Mixture(small_and_large), 5, seed=-1)
 
 
 def test_default_weights_show_every_block_once_per_epoch_in_shuffled_order(small_and_large):

@@ -42,6 +42,10 @@ class LoaderState:
     seed: int
     step: int
 
+    def __post_init__(self):
+        if self.seed < 0 or self.step < 0:
+            raise DataError(f"loader seed and step must be >= 0, got seed={self.seed}, step={self.step}")
+
     def to_dict(self) -> dict:
         return {"seed": self.seed, "step": self.step}
 
@@ -117,8 +121,7 @@ class Loader:
         if global_batch_size < 1 or global_batch_size % process_count:
             raise DataError(f"global batch size {global_batch_size} must be a positive multiple of the "
                             f"process count {process_count}")
-        if seed < 0:
-            raise DataError(f"seed must be >= 0, got {seed}")
+        LoaderState(seed, step)  # refuses a negative seed or step
         if not 0 <= process_index < process_count:
             raise DataError(f"process index {process_index} is not in [0, {process_count})")
         self.mixture = mixture
