@@ -109,8 +109,12 @@ def jax_to_hf(params: Mapping[str, Any], config: ModelConfig) -> dict[str, np.nd
     params = dict(params)
     layers = params.get("layers", {})
     if layers and not all(str(k).isdigit() for k in layers):  # stacked: split the layer axis
-        params["layers"] = {i: map_leaves(lambda x: _layer(x, i, config), layers)
-                            for i in range(config.num_layers)}
+        for path, x in _flatten(layers):
+            if np.shape(x)[:1] != (config.num_layers,):
+                raise ConvertError(f"stacked JAX tensor {_dotted(('layers', *path))} has shape "
+                                   f"{tuple(np.shape(x))}, expected a leading axis of "
+                                   f"num_layers={config.num_layers}")
+        params["layers"] = {i: map_leaves(lambda x: x[i], layers) for i in range(config.num_layers)}
     else:
         params["layers"] = {int(k): v for k, v in layers.items()}
     flat = dict(_flatten(params))
@@ -148,13 +152,6 @@ def _check_names(got: set, want: set, kind: str, name=str) -> None:
 def _check_shape(name: str, x: np.ndarray, shape: tuple[int, ...]) -> None:
     if tuple(x.shape) != shape:
         raise ConvertError(f"tensor {name} has shape {tuple(x.shape)}, expected {shape}")
-
-
-def _layer(x, i: int, config: ModelConfig):
-    if x.shape[:1] != (config.num_layers,):
-        raise ConvertError(f"stacked layer parameter has shape {tuple(x.shape)}, expected a "
-                           f"leading axis of num_layers={config.num_layers}")
-    return x[i]
 
 
 def _dotted(path) -> str:

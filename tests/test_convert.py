@@ -368,3 +368,9 @@ def test_jax_params_with_a_wrong_shape_or_a_missing_entry_are_refused_naming_the
     del params["layers"][0]["self_attn"]["k_proj"]
     with pytest.raises(convert.ConvertError, match=r"missing JAX tensor layers\.0\.self_attn\.k_proj"):
         convert.jax_to_hf(params, config)
+    stacked = random_params(config, np.float32, scan_layers=True)
+    stacked["layers"]["mlp"]["gate_proj"]["kernel"] = stacked["layers"]["mlp"]["gate_proj"]["kernel"][:1]
+    with pytest.raises(convert.ConvertError, match=r"stacked JAX tensor layers\.mlp\.gate_proj\.kernel "
+                                                   r"has shape \(1, 56, 92\), expected a leading axis of "
+                                                   r"num_layers=2"):
+        convert.jax_to_hf(stacked, config)
