@@ -214,6 +214,10 @@ def test_hammer_eval_prints_a_table_and_writes_json_matching_the_harness(
         assert report["domains"][name]["documents"] == expected[name].documents
     assert report["average"]["ppl"] == pytest.approx(expected.average_ppl, rel=1e-6)
     assert f"{expected.average_ppl:.3f}" in table.splitlines()[-1]
+    # Those are hammer's ids: transformers reads this HammerLLM-style directory with a `▁` prefix.
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tiny_model_dir)(TEXTS[2])["input_ids"] != tokenizer.encode(TEXTS[2])
 
     # An existing output is never overwritten.
     assert main(argv) == 2
