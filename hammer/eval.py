@@ -4,11 +4,9 @@ Each document is cut to its first `max_tokens // 3` characters, tokenized with t
 tokenizer without special tokens and truncated at `max_tokens` ids. Its NLL is summed over positions
 2..n (the first token has no context and is never scored). A domain's loss is its total NLL over its
 scored tokens; ppl = exp(loss); the average over domains is exp(mean of the domain losses). Skywork
-compares models with different tokenizers by dividing the same total NLL by the tokens a reference
-tokenizer makes of the same texts (`loss_norm`), counted as its eval counts any model's: each
-document's tokens after the first, the positions a model with that tokenizer would score. So
-loss_norm is loss when the reference is the model's own tokenizer. Bits per byte divides the NLL by
-the UTF-8 bytes of the scored text instead, which needs no reference at all.
+compares models with different tokenizers by dividing the same total NLL by the number of tokens a
+reference tokenizer makes of the same texts (`loss_norm`). Bits per byte divides the NLL by the UTF-8
+bytes of the scored text instead, which needs no reference at all.
 
 Backends plug in through `Scorer`; this module never imports jax or torch.
 """
@@ -60,7 +58,7 @@ class DomainResult:
     nll: float  # total, in nats
     bytes: int  # UTF-8 bytes of the text that was tokenized
     truncated_documents: int  # documents whose ids were cut at max_tokens (or the model's context)
-    reference_scored_tokens: int | None = None  # sum over documents of (reference tokens - 1)
+    reference_tokens: int | None = None
 
     @property
     def loss(self) -> float:
@@ -76,7 +74,7 @@ class DomainResult:
 
     @property
     def loss_norm(self) -> float | None:
-        return None if self.reference_scored_tokens is None else self.nll / self.reference_scored_tokens
+        return None if self.reference_tokens is None else self.nll / self.reference_tokens
 
     @property
     def ppl_norm(self) -> float | None:
@@ -86,7 +84,7 @@ class DomainResult:
         return {"documents": self.documents, "scored_tokens": self.scored_tokens, "nll": self.nll,
                 "bytes": self.bytes, "truncated_documents": self.truncated_documents,
                 "loss": self.loss, "ppl": self.ppl, "bits_per_byte": self.bits_per_byte,
-                "reference_scored_tokens": self.reference_scored_tokens, "loss_norm": self.loss_norm,
+                "reference_tokens": self.reference_tokens, "loss_norm": self.loss_norm,
                 "ppl_norm": self.ppl_norm}
 
 
@@ -164,8 +162,7 @@ def evaluate(scorer: Scorer, tokenizer: EncodesText, domains: Mapping[str, Seque
         nll = float(document_nll(scorer, ids, batch_size).sum())
         reference = None
         if reference_tokenizer is not None:
-            reference = sum(max(len(r) - 1, 0)
-                            for r in reference_tokenizer.encode_batch(texts, add_special_tokens=False))
+            reference = sum(len(r) for r in reference_tokenizer.encode_batch(texts, add_special_tokens=False))
         n_bytes = sum(len(t.encode("utf-8")) for t in texts)
         results.append(DomainResult(name, len(docs), scored, nll, n_bytes, len(cut), reference))
     return EvalResult(tuple(results), max_tokens)

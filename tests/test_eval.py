@@ -140,13 +140,12 @@ def test_reference_tokenizer_normalization_divides_the_nll_by_the_reference_toke
     d = result["d"]
     llama2 = spm.SentencePieceProcessor(
         model_file=str(hammerllm_dir / "reference-tokenizers" / "llama2-7b" / "tokenizer.model"))
-    # Counted as Skywork counts any model's tokens: each document's after its first.
-    reference_scored = sum(len(llama2.encode(t[:100])) - 1 for t in docs)
-    assert d.reference_scored_tokens == reference_scored
-    assert d.loss_norm == pytest.approx(d.nll / reference_scored, rel=1e-12)
-    assert d.ppl_norm == pytest.approx(math.exp(d.nll / reference_scored), rel=1e-12)
+    reference_tokens = sum(len(llama2.encode(t[:100])) for t in docs)
+    assert d.reference_tokens == reference_tokens
+    assert d.loss_norm == pytest.approx(d.nll / reference_tokens, rel=1e-12)
+    assert d.ppl_norm == pytest.approx(math.exp(d.nll / reference_tokens), rel=1e-12)
     # Llama-2 spends more tokens on Chinese than HammerLLM: the per-reference-token loss is lower.
-    assert d.reference_scored_tokens > d.scored_tokens and d.loss_norm < d.loss
+    assert d.reference_tokens > d.scored_tokens + len(docs)
     assert result.average_ppl_norm == pytest.approx(d.ppl_norm, rel=1e-12)
 
 
@@ -228,14 +227,13 @@ def test_hammer_eval_prints_a_table_and_writes_json_matching_the_harness(
 def test_hammer_eval_reports_the_normalized_ppl_with_a_reference_tokenizer(
         tmp_path, tiny_model_dir, domain_files, tokenizer, capsys):
     out = tmp_path / "eval.json"
-    # The model's own tokenizer as the reference normalizes nothing away.
+    # The model's own tokenizer as the reference: each document's tokens, the first one included.
     assert main(["eval", "--model", str(tiny_model_dir), "--backend", "hf", "--data", f"zh={domain_files['zh']}",
                  "--reference-tokenizer", str(tiny_model_dir), "--json", str(out)]) == 0
     assert capsys.readouterr().out.splitlines()[0].split()[-1] == "ppl_norm"
     zh = json.loads(out.read_text())["domains"]["zh"]
-    assert zh["reference_scored_tokens"] == zh["scored_tokens"]
-    assert zh["loss_norm"] == pytest.approx(zh["loss"], rel=1e-12)
-    assert zh["ppl_norm"] == pytest.approx(zh["ppl"], rel=1e-12)
+    assert zh["reference_tokens"] == zh["scored_tokens"] + zh["documents"]
+    assert zh["loss_norm"] == pytest.approx(zh["nll"] / zh["reference_tokens"], rel=1e-12)
 
 
 def test_hammer_eval_hf_backend_refuses_a_directory_without_hf_weights(tmp_path, tiny_model_dir, domain_files, capsys):
