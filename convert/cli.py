@@ -37,7 +37,8 @@ def register(subparsers) -> None:
     p.add_argument("--to", required=True, choices=sorted(TARGETS), help="output format")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights (default: keep)")
     p.add_argument("--tokenizer", type=Path,
-                   help="tokenizer directory to include (default: SRC's own tokenizer files)")
+                   help="tokenizer directory to include (default: SRC's own tokenizer, rewritten "
+                        "by hammer when it is SentencePiece)")
     p.set_defaults(func=run)
 
 
@@ -46,10 +47,13 @@ def run(args: argparse.Namespace) -> None:
         raise FileExistsError(f"output {args.dst} already exists; choose a new path or remove it")
     config, tensors = read_checkpoint(args.src)
     tensors = check_hf(tensors, config)
-    if args.tokenizer is not None:
+    # A SentencePiece tokenizer is rewritten by hammer, whose HF files make transformers encode as
+    # the model was trained; released Llama-format files alone make transformers 5 encode otherwise.
+    tokenizer_dir = args.tokenizer or (args.src if (args.src / "tokenizer.model").is_file() else None)
+    if tokenizer_dir is not None:
         from hammer.tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+        tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     else:
         tokenizer = TokenizerFiles(args.src) or None
     TARGETS[args.to](args.dst, config, tensors, tokenizer=tokenizer, dtype=args.dtype)

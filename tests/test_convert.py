@@ -230,25 +230,33 @@ def test_every_config_json_generation_gives_its_rope_theta(tmp_path_factory, tmp
         assert (diff <= 1e-4) == (theta == 500000.0), (name, diff)
 
 
-def test_tokenizer_files_of_the_source_are_carried_through_both_formats(small_hf, tmp_path):
+def test_a_tokenizer_that_is_not_sentencepiece_is_carried_through_both_formats_as_is(small_hf,
+                                                                                    tmp_path):
     src = tmp_path / "src"
     shutil.copytree(small_hf.path, src)
-    (src / "tokenizer.model").write_bytes(b"\x00sentencepiece model bytes\xff")
+    (src / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
     (src / "tokenizer_config.json").write_text('{"add_bos_token": true}')
     assert hammer(src, tmp_path / "jax", "--to", "jax") == 0
     assert hammer(tmp_path / "jax", tmp_path / "hf", "--to", "hf") == 0
-    for name in ("tokenizer.model", "tokenizer_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "hf" / name).read_bytes() == (src / name).read_bytes()
 
 
-def test_tokenizer_option_writes_a_tokenizer_transformers_encodes_as_hammer(small_hf, tmp_path,
-                                                                             hammerllm_dir):
+@pytest.mark.parametrize("given", ["--tokenizer", "SRC's own files"])
+def test_exported_tokenizer_encodes_in_transformers_as_hammer(small_hf, tmp_path, hammerllm_dir, given):
     from transformers import AutoTokenizer
 
     from hammer.tokenizer import Tokenizer
 
-    assert hammer(small_hf.path, tmp_path / "hf", "--to", "hf",
-                  "--tokenizer", hammerllm_dir / "tokenizer") == 0
+    if given == "--tokenizer":
+        options = ["--tokenizer", hammerllm_dir / "tokenizer"]
+    else:  # HammerLLM's released Llama-format files, which transformers 5 alone reads with other ids
+        shutil.copytree(small_hf.path, tmp_path / "src")
+        for f in (hammerllm_dir / "tokenizer").glob("*token*"):
+            shutil.copy(f, tmp_path / "src")
+        small_hf = SimpleNamespace(path=tmp_path / "src")
+        options = []
+    assert hammer(small_hf.path, tmp_path / "hf", "--to", "hf", *options) == 0
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (
         hammerllm_dir / "tokenizer" / "tokenizer.model").read_bytes()
     ours = Tokenizer.from_pretrained(hammerllm_dir / "tokenizer")
