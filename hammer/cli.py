@@ -35,6 +35,11 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
+    # SentencePiece warns on every load of some released models (Llama-2's NUL piece); the CLI owns
+    # its process, so it may quiet the library's log there (a library import must not).
+    import sentencepiece
+
+    sentencepiece.set_min_log_level(2)
     try:
         return args.func(args) or 0
     except (ValueError, OSError) as e:  # bad input: one line, no traceback
