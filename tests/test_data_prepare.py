@@ -5,6 +5,7 @@ import errno
 import gzip
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -219,8 +220,8 @@ def _has_tfds() -> bool:
         return False
 
 
-@pytest.mark.skipif(_has_tfds(), reason="tensorflow-datasets is installed")
-def test_tfds_input_without_the_tfds_extra_says_how_to_install_it():
+def test_tfds_input_without_the_tfds_extra_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # how Python spells "not installed"
     with pytest.raises(DataError, match=r"hammerllm\[tfds\]"):
         open_source("tfds:wikipedia/20230601.en:train")
 
