@@ -8,24 +8,24 @@ import argparse
 from pathlib import Path
 
 from convert import check_hf, hf_to_jax, read_checkpoint, save_hf, save_jax
-from convert.hf import DTYPES, TokenizerFiles
+from convert.hf import DTYPES, TokenizerFiles, read_generation_config
 
 
-def write_hf(dst, config, tensors, *, tokenizer, dtype):
-    save_hf(dst, config, tensors, tokenizer=tokenizer, dtype=dtype)
+def write_hf(dst, config, tensors, **options):
+    save_hf(dst, config, tensors, **options)
 
 
-def write_jax(dst, config, tensors, *, tokenizer, dtype):
-    save_jax(dst, config, hf_to_jax(tensors, config), tokenizer=tokenizer, dtype=dtype)
+def write_jax(dst, config, tensors, **options):
+    save_jax(dst, config, hf_to_jax(tensors, config), **options)
 
 
-def write_torch(dst, config, tensors, *, tokenizer, dtype):
+def write_torch(dst, config, tensors, **options):
     import hammer_torch.checkpoint  # torch is imported only for this target
 
-    hammer_torch.checkpoint.write_torch(dst, config, tensors, tokenizer=tokenizer, dtype=dtype)
+    hammer_torch.checkpoint.write_torch(dst, config, tensors, **options)
 
 
-# name -> writer(dst, config, checked HF-named tensors, *, tokenizer, dtype)
+# name -> writer(dst, config, checked HF-named tensors, *, tokenizer, dtype, generation_config)
 TARGETS = {"hf": write_hf, "jax": write_jax, "torch": write_torch}
 
 
@@ -56,5 +56,6 @@ def run(args: argparse.Namespace) -> None:
         tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     else:
         tokenizer = TokenizerFiles(args.src) or None
-    TARGETS[args.to](args.dst, config, tensors, tokenizer=tokenizer, dtype=args.dtype)
+    TARGETS[args.to](args.dst, config, tensors, tokenizer=tokenizer, dtype=args.dtype,
+                     generation_config=read_generation_config(args.src))
     print(f"wrote {args.to} checkpoint to {args.dst}")

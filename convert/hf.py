@@ -24,6 +24,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json")
 # Prefixes torch.compile and DistributedDataParallel put in front of every state-dict name.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+GENERATION_FILE = "generation_config.json"
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 MAX_SHARD_BYTES = 5 * 2**30
 
@@ -60,21 +61,43 @@ def strip_wrapper_prefixes(name: str) -> str:
 
 def save_hf(dst: str | os.PathLike, config: ModelConfig, tensors: Mapping[str, np.ndarray], *,
             tokenizer: Any = None, dtype: str | None = None,
+            generation_config: Mapping[str, Any] | None = None,
             max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Writes an HF directory that `AutoModelForCausalLM.from_pretrained` loads: config.json,
-    generation_config.json, safetensors (sharded past `max_shard_bytes`, with the index) and,
-    given a tokenizer (anything with `save_pretrained(dir)`), its files. Atomic: all or nothing."""
+    generation_config.json (the given one, else derived from the config), safetensors (sharded past
+    `max_shard_bytes`, with the index) and, given a tokenizer (anything with
+    `save_pretrained(dir)`), its files. Atomic: all or nothing."""
     tensors = cast(tensors, dtype)
     dtype_name = dtype or _dtype_name(tensors)
     with atomic_directory(dst) as tmp:
         config.save(tmp, dtype=dtype_name)
-        generation = {"_from_model_config": True, "bos_token_id": config.bos_token_id,
-                      "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if generation_config is None:
+            generation_config = {"_from_model_config": True, "bos_token_id": config.bos_token_id,
+                                 "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
+        write_generation_config(tmp, generation_config)
         _write_safetensors(tmp, tensors, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(dst)
+
+
+def read_generation_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A model directory's generation_config.json (HammerLLM's holds the pad id its config.json
+    lacks), carried through conversions; None when there is none."""
+    file = Path(path) / GENERATION_FILE
+    if not file.is_file():
+        return None
+    try:
+        generation = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(generation, dict):
+        raise ConvertError(f"{file} holds a {type(generation).__name__}, expected a JSON object")
+    return generation
+
+
+def write_generation_config(directory: Path, generation: Mapping[str, Any]) -> None:
+    (directory / GENERATION_FILE).write_text(json.dumps(dict(generation), indent=2) + "\n")
 
 
 def cast(tensors: Mapping[str, np.ndarray], dtype: str | None) -> dict[str, np.ndarray]:

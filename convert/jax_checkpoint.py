@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from convert.hf import to_dtype
+from convert.hf import to_dtype, write_generation_config
 from convert.mapping import ConvertError, map_leaves
 from hammer.config import ModelConfig
 from hammer.fsio import atomic_directory
@@ -24,8 +24,10 @@ def is_jax_dir(path: str | os.PathLike) -> bool:
 
 
 def save_jax(dst: str | os.PathLike, config: ModelConfig, params: Mapping[str, Any], *,
-             tokenizer: Any = None, dtype: str | None = None) -> Path:
-    """Writes config.json, the orbax checkpoint of `params` and, given one, the tokenizer."""
+             tokenizer: Any = None, dtype: str | None = None,
+             generation_config: Mapping[str, Any] | None = None) -> Path:
+    """Writes config.json, the orbax checkpoint of `params` and, given them, the tokenizer and
+    the generation_config.json to carry into a later HF export."""
     import orbax.checkpoint as ocp
 
     if dtype is not None:
@@ -36,6 +38,8 @@ def save_jax(dst: str | os.PathLike, config: ModelConfig, params: Mapping[str, A
             checkpointer.save((tmp / PARAMS_DIR).absolute(), params)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if generation_config is not None:
+            write_generation_config(tmp, generation_config)
     return Path(dst)
 
 

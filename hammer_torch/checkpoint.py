@@ -42,7 +42,8 @@ def from_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray],
 
 
 def save_pretrained(model: Llama, dst: str | os.PathLike, *, tokenizer: Any = None,
-                    dtype: str | None = None) -> Path:
+                    dtype: str | None = None,
+                    generation_config: Mapping[str, Any] | None = None) -> Path:
     """The twin's state dict as an HF directory, written by convert's one writer (atomic, refuses
     an existing dst); a tied head is left out, as HF leaves it out. dtype: "float32"/"bfloat16"."""
     import convert
@@ -50,15 +51,18 @@ def save_pretrained(model: Llama, dst: str | os.PathLike, *, tokenizer: Any = No
     state = to_numpy(model.state_dict())
     if model.config.tie_word_embeddings:
         del state["lm_head.weight"]
-    return convert.save_hf(dst, model.config, state, tokenizer=tokenizer, dtype=dtype)
+    return convert.save_hf(dst, model.config, state, tokenizer=tokenizer, dtype=dtype,
+                           generation_config=generation_config)
 
 
 def write_torch(dst: str | os.PathLike, config: ModelConfig, tensors: Mapping[str, np.ndarray], *,
-                tokenizer: Any = None, dtype: str | None = None) -> Path:
+                tokenizer: Any = None, dtype: str | None = None,
+                generation_config: Mapping[str, Any] | None = None) -> Path:
     """`hammer convert --to torch`: HF-named tensors through the twin, whose strict load checks
     every name and shape, then its state dict written out."""
     model = from_tensors(config, tensors, dtype=None, attn_impl="eager")
-    return save_pretrained(model, dst, tokenizer=tokenizer, dtype=dtype)
+    return save_pretrained(model, dst, tokenizer=tokenizer, dtype=dtype,
+                           generation_config=generation_config)
 
 
 def to_numpy(state_dict: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:

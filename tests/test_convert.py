@@ -242,6 +242,29 @@ def test_a_tokenizer_that_is_not_sentencepiece_is_carried_through_both_formats_a
         assert (tmp_path / "hf" / name).read_bytes() == (src / name).read_bytes()
 
 
+def test_the_source_generation_config_is_carried_through_every_format(small_hf, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(small_hf.path, src)
+    generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "max_length": 2048}
+    (src / "generation_config.json").write_text(json.dumps(generation))  # HammerLLM's pad id lives here
+    assert hammer(src, tmp_path / "jax", "--to", "jax") == 0
+    assert hammer(tmp_path / "jax", tmp_path / "hf", "--to", "hf") == 0
+    assert hammer(src, tmp_path / "torch", "--to", "torch") == 0
+    for out in ("jax", "hf", "torch"):
+        assert json.loads((tmp_path / out / "generation_config.json").read_text()) == generation
+
+
+def test_without_one_the_generation_config_is_derived_from_the_model_config(small_hf, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(small_hf.path, src)
+    (src / "generation_config.json").unlink(missing_ok=True)
+    (src / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()),
+                                                 "bos_token_id": 3, "eos_token_id": 4, "pad_token_id": 5}))
+    assert hammer(src, tmp_path / "hf", "--to", "hf") == 0
+    written = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (3, 4, 5)
+
+
 @pytest.mark.parametrize("given", ["--tokenizer", "SRC's own files"])
 def test_exported_tokenizer_encodes_in_transformers_as_hammer(small_hf, tmp_path, hammerllm_dir, given):
     from transformers import AutoTokenizer
