@@ -4,18 +4,21 @@ torch state dicts. Pure functions over name -> numpy array maps; bfloat16 is ml_
     load_hf(path) -> (ModelConfig, {hf_name: array})        HF dir: safetensors (one or sharded
                                                              with index) or pytorch_model.bin;
                                                              `_orig_mod.`/`module.` stripped
-    save_hf(dst, config, tensors, tokenizer=None, dtype=None, max_shard_bytes=5 GiB)
+    save_hf(dst, config, tensors, tokenizer=None, dtype=None, generation_config=None,
+            max_shard_bytes=5 GiB)
     check_hf(tensors, config) -> {hf_name: array}            exactly the config's tensors, checked
     hf_to_jax(tensors, config, scan_layers=False) -> params  nested dict, nnx pure-dict layout
     jax_to_hf(params, config) -> {hf_name: array}            per-layer or stacked params
     load_jax(path) -> (ModelConfig, params)                  orbax checkpoint + config.json
-    save_jax(dst, config, params, tokenizer=None, dtype=None)
+    save_jax(dst, config, params, tokenizer=None, dtype=None, generation_config=None)
+    read_generation_config(path) -> dict | None              a directory's generation_config.json
     read_checkpoint(path) -> (ModelConfig, {hf_name: array}) either format, detected
 
 Every writer fills a temporary directory renamed into place at the end (hammer.fsio), so a
 failure leaves no DST. Bad input raises ConvertError (a ValueError) naming the tensor or field.
 """
-from convert.hf import TokenizerFiles, is_hf_dir, load_hf, save_hf, strip_wrapper_prefixes
+from convert.hf import (TokenizerFiles, is_hf_dir, load_hf, read_generation_config, save_hf,
+                        strip_wrapper_prefixes)
 from convert.jax_checkpoint import is_jax_dir, load_jax, save_jax
 from convert.mapping import TABLE, ConvertError, check_hf, hf_to_jax, jax_to_hf, tensors
 
@@ -29,5 +32,5 @@ def read_checkpoint(path) -> tuple:
 
 
 __all__ = ["TABLE", "ConvertError", "TokenizerFiles", "check_hf", "hf_to_jax", "is_hf_dir",
-           "is_jax_dir", "jax_to_hf", "load_hf", "load_jax", "read_checkpoint", "save_hf",
-           "save_jax", "strip_wrapper_prefixes", "tensors"]
+           "is_jax_dir", "jax_to_hf", "load_hf", "load_jax", "read_checkpoint",
+           "read_generation_config", "save_hf", "save_jax", "strip_wrapper_prefixes", "tensors"]
