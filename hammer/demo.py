@@ -19,7 +19,6 @@ from hammer.config import ModelConfig
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
 DOMAINS = ("zh", "en", "code")
-BACKENDS = {"jax": "jax", "torch": "hf", "hf": "hf"}  # eval backend -> checkpoint it reads
 
 
 def register(subparsers) -> None:
@@ -52,15 +51,15 @@ def run(args: argparse.Namespace) -> None:
     _stage(torch_dir, "convert", hf_dir, torch_dir, "--to", "torch")
 
     losses = _batch_losses(jax_dir, hf_dir, data, args.seed)
+    models = {"jax": jax_dir, "torch": hf_dir, "hf": hf_dir}  # backend -> the checkpoint it reads
     evals = {}
-    for backend, source in BACKENDS.items():
+    for backend, model in models.items():
         report = out / f"eval-{backend}.json"
-        model = jax_dir if source == "jax" else hf_dir
         _stage(report, "eval", "--model", model, "--backend", backend, "--json", report,
                "--data", *[f"{d}={corpus / 'valid' / f'{d}.jsonl'}" for d in DOMAINS])
         evals[backend] = json.loads(report.read_text())
-    texts = {b: _capture("generate", "--model", jax_dir if b == "jax" else hf_dir, "--backend", b,
-                         "--prompt", "The quick brown fox", "--temperature", 0, "--max-new-tokens", 16)
+    texts = {b: _hammer("generate", "--model", models[b], "--backend", b, "--prompt",
+                        "The quick brown fox", "--temperature", 0, "--max-new-tokens", 16, capture=True)
              for b in ("jax", "torch")}
     summary = _summary(losses, evals, texts)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
@@ -71,20 +70,16 @@ def run(args: argparse.Namespace) -> None:
 
 def _stage(output: Path, *argv) -> None:
     """Runs `hammer ARGV...` (or a callable, for steps with no command yet) unless `output` exists."""
-    from hammer.cli import main
-
     if output.exists():
         print(f"[skip] {output} exists")
-        return
-    if callable(argv[0]):
-        return argv[0]()
-    argv = [str(a) for a in argv]
-    print(f"\n$ hammer {shlex.join(argv)}", flush=True)
-    if main(argv):
-        raise ValueError(f"stage `hammer {argv[0]}` failed; fix it and rerun `hammer demo`")
+    elif callable(argv[0]):
+        argv[0]()
+    else:
+        _hammer(*argv)
 
 
-def _capture(*argv) -> str:
+def _hammer(*argv, capture: bool = False) -> str:
+    """Runs `hammer ARGV...` as typed, printing the command; returns its stdout when `capture`."""
     import contextlib
     import io
 
@@ -93,11 +88,11 @@ def _capture(*argv) -> str:
     argv = [str(a) for a in argv]
     print(f"\n$ hammer {shlex.join(argv)}", flush=True)
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
+    with contextlib.redirect_stdout(buffer) if capture else contextlib.nullcontext():
         code = main(argv)
     print(buffer.getvalue(), end="")
     if code:
-        raise ValueError(f"stage `hammer {argv[0]}` failed")
+        raise ValueError(f"stage `hammer {argv[0]}` failed; fix it and rerun `hammer demo`")
     return buffer.getvalue()
 
 
