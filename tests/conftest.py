@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-# Tests must not reach a hub or grab every core; the suite sizes its own work.
+# Tests never reach a hub; tokenizers' thread pool would warn (and may deadlock) after a fork.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
