@@ -276,7 +276,7 @@ class _Preparation:
             raise DataError(f"inputs give {len(carry)} tokens, less than one block of {self.block_size}; "
                             "nothing to write")
         index = {"format": FORMAT, "settings": self.settings,
-                 "sources": [{**s.identity(), **c} for s, c in zip(self.sources, self.counts)],
+                 "sources": [{**identity, **c} for identity, c in zip(self.key["sources"], self.counts)],
                  "documents": sum(c["documents"] for c in self.counts),
                  "tokens": sum(c["tokens"] for c in self.counts),
                  "blocks": blocks, "dropped_tokens": len(carry), "shards": self.shards}
