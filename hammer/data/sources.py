@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -106,9 +107,8 @@ class Source:
 
     def _text_lines(self, start: int) -> Iterator[Text]:
         with _open_binary(Path(self.path)) as f:
-            for number, raw in enumerate(f):
-                if number >= start:
-                    yield decode_utf8(raw.rstrip(b"\r\n"))
+            for raw in itertools.islice(f, start, None):
+                yield decode_utf8(raw.rstrip(b"\r\n"))
 
     def _text_files(self, start: int) -> Iterator[Text]:
         for path in sorted(_walk(Path(self.path)))[start:]:
@@ -116,9 +116,8 @@ class Source:
 
     def _jsonl(self, start: int) -> Iterator[Text]:
         with _open_binary(Path(self.path)) as f:
-            for number, raw in enumerate(f):
-                if number >= start:
-                    yield self._json_text(raw, number + 1)
+            for line, raw in itertools.islice(enumerate(f, 1), start, None):
+                yield self._json_text(raw, line)
 
     def _json_text(self, raw: bytes, line: int) -> Text:
         decoded = decode_utf8(raw)
@@ -146,7 +145,7 @@ class Source:
 
         column = self.text_field if self.kind == "text" else TOKENS_COLUMN
         batches = pq.ParquetFile(self.path).iter_batches(batch_size=_READ_BATCH, columns=[column])
-        yield from _skip_rows(self._column_rows(b.column(0) for b in batches), start)
+        yield from itertools.islice(self._column_rows(b.column(0) for b in batches), start, None)
 
     def _hf(self, start: int) -> Iterator[Text | np.ndarray]:
         dataset = _load_hf(Path(self.path))
@@ -235,12 +234,6 @@ def _token_rows(column, path: str) -> Iterator[np.ndarray]:
         lengths = pc.list_value_length(chunk).to_numpy()
         values = chunk.flatten().to_numpy()
         yield from np.split(values, np.cumsum(lengths)[:-1])
-
-
-def _skip_rows(rows: Iterator, start: int) -> Iterator:
-    for number, row in enumerate(rows):
-        if number >= start:
-            yield row
 
 
 def _walk(root: Path) -> Iterator[Path]:
