@@ -11,12 +11,7 @@ def read_documents(path: str | os.PathLike) -> list[str]:
     """The documents of a UTF-8 file: each non-blank line of a .txt (without its line end), or the
     string field "text" of each JSON object of a .jsonl; at least one."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"corpus file {path} not found")
-    try:
-        lines = path.read_bytes().decode("utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"corpus file {path} is not UTF-8 text: {e}") from None
+    lines = split_lines(read_text(path, what="corpus file"))
     if path.suffix != ".jsonl":
         docs = [line for line in lines if line.strip()]
     else:
@@ -34,3 +29,20 @@ def read_documents(path: str | os.PathLike) -> list[str]:
     if not docs:
         raise ValueError(f"corpus file {path} holds no documents")
     return docs
+
+
+def read_text(path: Path, what: str = "file") -> str:
+    """The text of a UTF-8 file; a missing or undecodable file is named in the error."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text: {e}") from None
+
+
+def split_lines(text: str) -> list[str]:
+    """The lines of `text`, split on line ends only ("\\n" or "\\r\\n"), as `hammer data prepare` splits a
+    .txt: str.splitlines() would also split at U+2028, U+0085 or a form feed, which a document or a
+    symbol may hold and which json.dumps(ensure_ascii=False) writes raw inside a .jsonl string."""
+    return [line.removesuffix("\r") for line in text.split("\n")]

@@ -6,6 +6,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from hammer.documents import read_text, split_lines
+
 # 《通用规范汉字表》 (2013): 3500 level-1 (common), 3000 level-2 and 1605 level-3 characters.
 TGH_LEVEL_SIZES = (3500, 3000, 1605)
 TGH_SET_NAMES = ("FCC", "SCC", "TCC")  # first-, second-, third-level character coverage
@@ -22,7 +24,7 @@ def tgh_levels(path: str | os.PathLike | None = None) -> dict[str, list[str]]:
         text = resources.files("hammer").joinpath("assets", TGH_TABLE).read_text(encoding="utf-8")
         where = f"hammer/assets/{TGH_TABLE}"
     else:
-        text, where = _read_text(Path(path)), str(path)
+        text, where = read_text(Path(path)), str(path)
     levels: dict[str, list[str]] = {name: [] for name in TGH_SET_NAMES}
     lines = [line for line in text.splitlines() if line and not line.startswith("#")]
     for number, line in enumerate(lines[1:], start=2):  # lines[0] is the header
@@ -43,15 +45,14 @@ def read_charsets(path: str | os.PathLike) -> dict[str, list[str]]:
     path = Path(path)
     if path.suffix == ".tsv":
         return tgh_levels(path)
-    text = _read_text(path)
     if path.suffix == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(read_text(path))
             sets = {name: list(entry["texts"]) for name, entry in data.items()}
         except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
             raise CharsetError(f"{path} is not a charsets json ({{name: {{\"texts\": [...]}}}}): {e}") from None
     else:
-        sets = {path.stem: _lines(text)}
+        sets = {path.stem: read_lines(path)}
     for name, chars in sets.items():
         bad = [c for c in chars if not isinstance(c, str) or len(c) != 1]
         if bad:
@@ -61,20 +62,5 @@ def read_charsets(path: str | os.PathLike) -> dict[str, list[str]]:
 
 
 def read_lines(path: str | os.PathLike) -> list[str]:
-    """The non-empty lines of a UTF-8 text file (a user-defined symbol file)."""
-    return _lines(_read_text(Path(path)))
-
-
-def _lines(text: str) -> list[str]:
-    # Split on line ends only ("\n" or "\r\n"): a symbol may be a space, or a character that
-    # str.splitlines() would take for a line break (U+2028, U+0085, ...).
-    return [line.removesuffix("\r") for line in text.split("\n") if line not in ("", "\r")]
-
-
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CharsetError(f"{path} is not UTF-8 text: {e}") from None
+    """The non-empty lines of a UTF-8 text file (a user-defined symbol file); a symbol may be a space."""
+    return [line for line in split_lines(read_text(Path(path))) if line]

@@ -5,6 +5,7 @@ import pytest
 from sentencepiece import sentencepiece_model_pb2
 
 from hammer.cli import main
+from hammer.documents import read_documents
 from hammer.tokenizer import Tokenizer
 from tests.tokenizer_fixtures import CORPUS, train_tiny_model
 
@@ -82,6 +83,14 @@ def test_compression_counts_bytes_and_tokens_and_compares_with_a_base(tmp_path, 
     overall = rows[-1]
     assert overall["file"] == "overall" and overall["tokens"] == rows[0]["tokens"] + rows[1]["tokens"]
     assert overall["bytes_per_token"] == round(overall["bytes"] / overall["tokens"], 4)
+
+
+def test_corpus_files_split_into_documents_on_line_ends_only(tmp_path):
+    # json.dumps(ensure_ascii=False) writes U+2028 raw inside a string; str.splitlines() would cut there.
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "a\u2028b\x85c"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_bytes("x\u2028y\x0cz\r\nw\n".encode())
+    assert read_documents(tmp_path / "a.jsonl") == ["a\u2028b\x85c"]
+    assert read_documents(tmp_path / "b.txt") == ["x\u2028y\x0cz", "w"]
 
 
 def test_train_writes_a_llama_format_directory_with_the_asked_pieces(tmp_path, capsys):
