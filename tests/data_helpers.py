@@ -14,7 +14,7 @@ class ByteTokenizer:
     bos_id, eos_id = BOS, EOS
     fingerprint = "byte-tokenizer-for-tests"
 
-    def encode_batch(self, texts, add_special_tokens=True, num_workers=1):
+    def encode_batch(self, texts, add_special_tokens=True):
         assert not add_special_tokens, "prepare adds BOS/EOS itself"
         return [[b + 3 for b in t.encode("utf-8")] for t in texts]
 

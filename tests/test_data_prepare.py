@@ -300,7 +300,7 @@ def test_a_vocab_over_65536_ids_is_stored_as_uint32(tmp_path):
         vocab_size = 70_000
         fingerprint = "wide"
 
-        def encode_batch(self, texts, add_special_tokens=True, num_workers=1):
+        def encode_batch(self, texts, add_special_tokens=True):
             return [[69_999, *ids(t)] for t in texts]
 
     data = write_jsonl(tmp_path / "in.jsonl", ["abc"] * 4)
