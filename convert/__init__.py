@@ -9,10 +9,12 @@ torch state dicts. Pure functions over name -> numpy array maps; bfloat16 is ml_
     check_hf(tensors, config) -> {hf_name: array}            exactly the config's tensors, checked
     hf_to_jax(tensors, config, scan_layers=False) -> params  nested dict, nnx pure-dict layout
     jax_to_hf(params, config) -> {hf_name: array}            per-layer or stacked params
+    layer_layout(params, config, stacked) -> params          per-layer <-> stacked, checked
     load_jax(path) -> (ModelConfig, params)                  orbax checkpoint + config.json
     save_jax(dst, config, params, tokenizer=None, dtype=None, generation_config=None)
     read_generation_config(path) -> dict | None              a directory's generation_config.json
     read_checkpoint(path) -> (ModelConfig, {hf_name: array}) either format, detected
+    read_jax_params(path, scan_layers=False) -> (ModelConfig, params)   either format, detected
 
 Every writer fills a temporary directory renamed into place at the end (hammer.fsio), so a
 failure leaves no DST. Bad input raises ConvertError (a ValueError) naming the tensor or field.
@@ -20,7 +22,8 @@ failure leaves no DST. Bad input raises ConvertError (a ValueError) naming the t
 from convert.hf import (TokenizerFiles, is_hf_dir, load_hf, read_generation_config, save_hf,
                         strip_wrapper_prefixes)
 from convert.jax_checkpoint import is_jax_dir, load_jax, save_jax
-from convert.mapping import TABLE, ConvertError, check_hf, hf_to_jax, jax_to_hf, tensors
+from convert.mapping import (TABLE, ConvertError, check_hf, hf_to_jax, jax_to_hf, layer_layout,
+                             tensors)
 
 
 def read_checkpoint(path) -> tuple:
@@ -31,6 +34,17 @@ def read_checkpoint(path) -> tuple:
     return load_hf(path)
 
 
+def read_jax_params(path, scan_layers: bool = False) -> tuple:
+    """(config, hammer_jax params) from an HF or a hammer JAX directory. A JAX directory's tree
+    is already hammer_jax's layout: only its layers are (un)stacked, no detour through HF names."""
+    if is_jax_dir(path):
+        config, params = load_jax(path)
+        return config, layer_layout(params, config, scan_layers)
+    config, tensors = load_hf(path)
+    return config, hf_to_jax(tensors, config, scan_layers)
+
+
 __all__ = ["TABLE", "ConvertError", "TokenizerFiles", "check_hf", "hf_to_jax", "is_hf_dir",
-           "is_jax_dir", "jax_to_hf", "load_hf", "load_jax", "read_checkpoint",
-           "read_generation_config", "save_hf", "save_jax", "strip_wrapper_prefixes", "tensors"]
+           "is_jax_dir", "jax_to_hf", "layer_layout", "load_hf", "load_jax", "read_checkpoint",
+           "read_generation_config", "read_jax_params", "save_hf", "save_jax",
+           "strip_wrapper_prefixes", "tensors"]

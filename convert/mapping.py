@@ -98,17 +98,17 @@ def hf_to_jax(hf_tensors: Mapping[str, np.ndarray], config: ModelConfig,
     params: dict[str, Any] = {}
     for t in tensors(config):
         _set(params, t.jax, t.to_jax(np.asarray(hf_tensors[t.hf])))
-    if scan_layers:
-        layers = [params["layers"][i] for i in range(config.num_layers)]
-        params["layers"] = map_leaves(lambda *xs: np.stack(xs), *layers)
-    return params
+    return layer_layout(params, config, scan_layers)
 
 
-def jax_to_hf(params: Mapping[str, Any], config: ModelConfig) -> dict[str, np.ndarray]:
-    """hammer_jax's nested param dict, stacked or per-layer (keys int or str), to HF names."""
+def layer_layout(params: Mapping[str, Any], config: ModelConfig, stacked: bool) -> dict[str, Any]:
+    """hammer_jax's nested param dict, stacked or per-layer (keys int or str), with every tensor's
+    presence and shape checked, its layers stacked over a leading axis (`scan_layers`) or one
+    int-keyed entry per layer."""
     params = dict(params)
     layers = params.get("layers", {})
-    if layers and not all(str(k).isdigit() for k in layers):  # stacked: split the layer axis
+    was_stacked = bool(layers) and not all(str(k).isdigit() for k in layers)
+    if was_stacked:  # split the layer axis
         for path, x in _flatten(layers):
             if np.shape(x)[:1] != (config.num_layers,):
                 raise ConvertError(f"stacked JAX tensor {_dotted(('layers', *path))} has shape "
@@ -120,7 +120,18 @@ def jax_to_hf(params: Mapping[str, Any], config: ModelConfig) -> dict[str, np.nd
     flat = dict(_flatten(params))
     expected = tensors(config)
     _check_names(set(flat), {t.jax for t in expected}, "JAX", name=_dotted)
-    return {t.hf: t.to_hf(np.asarray(flat[t.jax])) for t in expected}
+    for t in expected:
+        _check_shape(_dotted(t.jax), flat[t.jax], t.jax_shape)
+    if stacked:
+        per_layer = (params["layers"][i] for i in range(config.num_layers))
+        params["layers"] = layers if was_stacked else map_leaves(lambda *xs: np.stack(xs), *per_layer)
+    return params
+
+
+def jax_to_hf(params: Mapping[str, Any], config: ModelConfig) -> dict[str, np.ndarray]:
+    """hammer_jax's nested param dict, stacked or per-layer (keys int or str), to HF names."""
+    flat = dict(_flatten(layer_layout(params, config, stacked=False)))
+    return {t.hf: t.to_hf(np.asarray(flat[t.jax])) for t in tensors(config)}
 
 
 def _drop_tied_head(hf_tensors: dict[str, np.ndarray], config: ModelConfig) -> None:

@@ -17,8 +17,7 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, **model_options)
     """A Llama from an HF directory (config.json + safetensors/bin) or a hammer JAX directory
     (orbax + config.json), detected. `dtype` is the compute dtype and, unless `param_dtype` is
     given, the parameter dtype; other options (attention_impl, scan_layers) go to `Llama`."""
-    config, tensors = convert.read_checkpoint(path)
-    params = convert.hf_to_jax(tensors, config, model_options.get("scan_layers", False))
+    config, params = convert.read_jax_params(path, model_options.get("scan_layers", False))
     model_options.setdefault("param_dtype", dtype)
     return model_from_params(config, params, dtype=dtype, **model_options)
 

@@ -87,6 +87,17 @@ def test_scanned_layers_load_from_hf_with_the_same_logits(small_hf):
     assert diff <= 1e-4, diff
 
 
+@pytest.mark.parametrize("saved_scanned", [False, True], ids=["saved-list", "saved-scan"])
+def test_a_jax_directory_loads_in_either_layer_layout_with_the_same_logits(small_hf, tmp_path,
+                                                                         saved_scanned):
+    config, tensors = convert.load_hf(small_hf.path)
+    convert.save_jax(tmp_path / "jax", config, convert.hf_to_jax(tensors, config, saved_scanned))
+    for scan_layers in (False, True):
+        model = from_pretrained(tmp_path / "jax", attention_impl="xla", scan_layers=scan_layers)
+        diff = float(np.abs(np.asarray(forward(model, jnp.asarray(small_hf.ids))) - small_hf.logits).max())
+        assert diff <= 1e-4, (scan_layers, diff)
+
+
 def test_bfloat16_logits_err_no_more_than_transformers_own_bfloat16(hf):
     model = from_pretrained(hf.path, dtype=jnp.bfloat16, attention_impl="xla")
     ours = np.abs(np.asarray(forward(model, jnp.asarray(hf.ids)), np.float32) - hf.logits).max()
@@ -136,7 +147,7 @@ def test_jax_to_hf_to_jax_is_bit_identical(small_hf, tmp_path, dtype, scan_layer
     config_back, back = convert.load_jax(tmp_path / "b")
     assert config_back == config
     if scan_layers:  # the CLI writes per-layer; stacking again must give the same arrays
-        back = convert.hf_to_jax(convert.jax_to_hf(back, config), config, scan_layers=True)
+        back = convert.layer_layout(back, config, stacked=True)
     flat = dict(convert.mapping._flatten(params))
     flat_back = {tuple(int(k) if str(k).isdigit() else k for k in path): x
                  for path, x in convert.mapping._flatten(back)}
