@@ -13,7 +13,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from hammer.tokenizer import sentencepiece_reason
-from hammer.documents import read_documents
+from hammer.documents import read_documents, split_lines
 
 
 class TrainError(ValueError):
@@ -43,7 +43,7 @@ def corpus_sentences(files: list[str | os.PathLike]) -> list[str]:
     """The training sentences: the non-empty lines of every document of every file."""
     if not files:
         raise TrainError("no training files given")
-    sentences = [line for path in files for doc in read_documents(path) for line in doc.splitlines() if line.strip()]
+    sentences = [line for path in files for doc in read_documents(path) for line in split_lines(doc) if line.strip()]
     if not sentences:
         raise TrainError(f"the training corpus ({', '.join(map(str, files))}) holds no text")
     return sentences
