@@ -113,7 +113,7 @@ def hf_files(tok: "Tokenizer") -> dict[str, bytes]:
         "add_bos_token": special.add_bos_token,
         "add_eos_token": special.add_eos_token,
         "clean_up_tokenization_spaces": False,
-        **{k: v for k, v in tokens.items()},
+        **tokens,
     }
     special_map = {k: _added_token(v) for k, v in tokens.items() if v}
     return {
