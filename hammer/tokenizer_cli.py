@@ -1,7 +1,6 @@
 """`hammer tokenizer train | merge | coverage | compression`."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
