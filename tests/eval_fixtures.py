@@ -1,9 +1,12 @@
-"""A tiny Llama-format model directory (random LlamaForCausalLM + a SentencePiece tokenizer trained on
-the spot) and domain files, for the eval and generation tests."""
+"""Tiny models for the tests: random HF-named weights for any ModelConfig, and a Llama-format model
+directory (random LlamaForCausalLM + a SentencePiece tokenizer trained on the spot) with domain
+files for the eval and generation tests."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import numpy as np
 
 from tests.tokenizer_fixtures import write_tiny_tokenizer
 
@@ -22,6 +25,17 @@ TEXTS = [
 MODEL_DIMS = dict(hidden_size=60, intermediate_size=94, num_hidden_layers=2, num_attention_heads=5,
                   num_key_value_heads=1, head_dim=12, max_position_embeddings=112)
 VOCAB_SIZE = 401
+
+
+def random_hf_tensors(config, *, std: float, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Every tensor of `config`'s Llama by HF name, drawn by numpy (no initializer to compile):
+    matrices N(0, std), norm scales 1 + N(0, 2 std) so that a lost or misplaced scale shows."""
+    import convert
+
+    rng = np.random.default_rng(seed)
+    return {t.hf: ((1 + 2 * std * rng.standard_normal(t.hf_shape)) if t.hf.endswith("norm.weight")
+                   else std * rng.standard_normal(t.hf_shape)).astype(dtype)
+            for t in convert.tensors(config)}
 
 
 def write_model(directory: Path, seed: int = 0) -> None:

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import convert
 from hammer.cli import main
 from hammer_jax import from_pretrained
+from tests.eval_fixtures import random_hf_tensors
 
 # Distinct, prime-ish sizes: a transposed or mis-reshaped weight cannot pass by symmetry.
 CONFIGS = {
@@ -131,9 +132,7 @@ def test_hf_to_jax_to_hf_gives_the_source_tensors_and_transformers_loads_them(hf
 
 
 def random_params(config, dtype, scan_layers):
-    rng = np.random.default_rng(7)
-    hf = {t.hf: rng.normal(size=t.hf_shape).astype(dtype) for t in convert.tensors(config)}
-    return convert.hf_to_jax(hf, config, scan_layers)
+    return convert.hf_to_jax(random_hf_tensors(config, std=1.0, seed=7, dtype=dtype), config, scan_layers)
 
 
 @pytest.mark.parametrize("dtype,scan_layers", [(np.float32, False), (ml_dtypes.bfloat16, True)],

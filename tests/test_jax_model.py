@@ -17,6 +17,7 @@ from hammer.config import ModelConfig
 from hammer_jax import Llama, model_from_params, params_of
 from hammer_jax.sharding import RULES, logical_to_spec
 from tests.conftest import REPO
+from tests.eval_fixtures import random_hf_tensors
 
 # Prime-ish sizes so that a transposed or mis-reshaped weight cannot pass by symmetry.
 GQA = ModelConfig(vocab_size=1013, hidden_size=96, intermediate_size=136, num_layers=2,
@@ -32,10 +33,7 @@ def tokens(config, shape, seed=0):
 
 def random_model(config, seed=0, **options):
     """Random weights drawn by numpy, so that tests compile no initializer."""
-    rng = np.random.default_rng(seed)
-    hf = {t.hf: rng.normal(0, 0.05, t.hf_shape).astype(np.float32) for t in convert.tensors(config)}
-    hf.update({t.hf: 1 + rng.normal(0, 0.1, t.hf_shape).astype(np.float32)
-               for t in convert.tensors(config) if t.hf.endswith("norm.weight")})
+    hf = random_hf_tensors(config, std=0.05, seed=seed)
     params = convert.hf_to_jax(hf, config, options.get("scan_layers", False))
     return model_from_params(config, params, **options)
 

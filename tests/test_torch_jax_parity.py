@@ -17,6 +17,7 @@ from hammer_jax.model import RMSNorm as JaxRMSNorm  # noqa: E402
 from hammer_torch.checkpoint import from_tensors  # noqa: E402
 from hammer_torch.loss import causal_lm_loss  # noqa: E402
 from hammer_torch.model import RMSNorm as TwinRMSNorm  # noqa: E402
+from tests.eval_fixtures import random_hf_tensors  # noqa: E402
 
 CONFIGS = {
     "gqa_untied": ModelConfig(vocab_size=1013, hidden_size=96, intermediate_size=172, num_layers=2,
@@ -25,18 +26,6 @@ CONFIGS = {
                                   num_layers=2, num_heads=6, num_kv_heads=3, rope_theta=500000.0,
                                   tie_word_embeddings=True),
 }
-
-
-def random_hf_tensors(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """Weights large enough that every layer moves the logits (HF's 0.02 init barely does)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for t in convert.tensors(config):
-        if t.hf.endswith("norm.weight"):
-            out[t.hf] = (1 + 0.2 * rng.standard_normal(t.hf_shape)).astype(np.float32)
-        else:
-            out[t.hf] = (0.12 * rng.standard_normal(t.hf_shape)).astype(np.float32)
-    return out
 
 
 @nnx.jit
@@ -50,7 +39,7 @@ def jax_loss_and_grads(model, ids):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_jax_model_and_twin_agree_in_logits_loss_and_every_gradient(name):
     config = CONFIGS[name]
-    tensors = random_hf_tensors(config)
+    tensors = random_hf_tensors(config, std=0.12)  # every layer moves the logits (0.02 barely does)
     jax_model = model_from_params(config, convert.hf_to_jax(tensors, config), attention_impl="xla")
     twin = from_tensors(config, tensors, attn_impl="sdpa")
     ids = np.random.default_rng(1).integers(0, config.vocab_size, (2, 29))
