@@ -31,10 +31,12 @@ class Sampler:
         z = logits / self.temperature
         probs = np.exp(z - z.max())
         probs /= probs.sum()
-        order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order])
-        # Keep every token up to and including the one that brings the mass to top_p.
-        keep = order[: int(np.searchsorted(cumulative, self.top_p * cumulative[-1])) + 1]
+        keep = np.arange(len(probs))
+        if self.top_p < 1:  # sorting the vocabulary costs more than the rest of a draw: only for a nucleus
+            order = np.argsort(-probs, kind="stable")
+            cumulative = np.cumsum(probs[order])
+            # Keep every token up to and including the one that brings the mass to top_p.
+            keep = order[: int(np.searchsorted(cumulative, self.top_p * cumulative[-1])) + 1]
         kept = np.cumsum(probs[keep])
         return int(keep[min(np.searchsorted(kept, self._rng.random() * kept[-1], side="right"),
                             len(keep) - 1)])
