@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -19,10 +19,10 @@ def atomic_directory(dst: str | os.PathLike) -> Iterator[Path]:
     if dst.exists():
         raise FileExistsError(f"output {dst} already exists; choose a new path or remove it")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    tmp = _partial_name(dst)
+    tmp.mkdir()  # the umask's ordinary permissions, unlike mkdtemp's private ones
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary dir
         os.rename(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -34,13 +34,14 @@ def atomic_file(dst: str | os.PathLike, mode: str = "w") -> Iterator:
     """An open file that replaces `dst` atomically when the block succeeds."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
+    tmp = _partial_name(dst)
+    # Created as open() creates files (0o666 less the umask), unlike mkstemp's private ones.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -48,8 +49,6 @@ def atomic_file(dst: str | os.PathLike, mode: str = "w") -> Iterator:
         raise
 
 
-def _umask() -> int:
-    # Reading the umask means setting it; it is restored at once, before any file is created here.
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _partial_name(dst: Path) -> Path:
+    """A fresh name beside `dst` (same filesystem, so the final rename is atomic)."""
+    return dst.parent / f".{dst.name}.{secrets.token_hex(8)}.partial"
