@@ -11,10 +11,6 @@ from convert import check_hf, hf_to_jax, read_checkpoint, save_hf, save_jax
 from convert.hf import DTYPES, TokenizerFiles, read_generation_config
 
 
-def write_hf(dst, config, tensors, **options):
-    save_hf(dst, config, tensors, **options)
-
-
 def write_jax(dst, config, tensors, **options):
     save_jax(dst, config, hf_to_jax(tensors, config), **options)
 
@@ -26,7 +22,7 @@ def write_torch(dst, config, tensors, **options):
 
 
 # name -> writer(dst, config, checked HF-named tensors, *, tokenizer, dtype, generation_config)
-TARGETS = {"hf": write_hf, "jax": write_jax, "torch": write_torch}
+TARGETS = {"hf": save_hf, "jax": write_jax, "torch": write_torch}
 
 
 def register(subparsers) -> None:
