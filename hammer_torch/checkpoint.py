@@ -47,8 +47,9 @@ def save_pretrained(model: Llama, dst: str | os.PathLike, *, tokenizer: Any = No
     """The twin's state dict as an HF directory, written by convert's one writer (atomic, refuses
     an existing dst); a tied head is left out, as HF leaves it out. dtype: "float32"/"bfloat16"."""
     import convert
+    from convert.hf import torch_to_numpy
 
-    state = to_numpy(model.state_dict())
+    state = {name: torch_to_numpy(t) for name, t in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         del state["lm_head.weight"]
     return convert.save_hf(dst, model.config, state, tokenizer=tokenizer, dtype=dtype,
@@ -63,13 +64,6 @@ def write_torch(dst: str | os.PathLike, config: ModelConfig, tensors: Mapping[st
     model = from_tensors(config, tensors, dtype=None, attn_impl="eager")
     return save_pretrained(model, dst, tokenizer=tokenizer, dtype=dtype,
                            generation_config=generation_config)
-
-
-def to_numpy(state_dict: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """HF-named numpy arrays of a twin state dict (bfloat16 as ml_dtypes.bfloat16), as convert reads."""
-    from convert.hf import torch_to_numpy
-
-    return {name: torch_to_numpy(t) for name, t in state_dict.items()}
 
 
 def to_torch(x: np.ndarray) -> torch.Tensor:
