@@ -93,8 +93,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(**config.to_hf())).save_pretrained(tmp)
-        model = LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device).eval()
+        model = LlamaForCausalLM(LlamaConfig(**config.to_hf()))
+        model.save_pretrained(tmp)  # for the scorers, which load it as a user's model
+        model = model.to(device).eval()
 
         limit = min(args.max_tokens, config.max_position_embeddings)
         ids = [doc[:limit] for texts in domains.values() for doc in tokenizer.encode_batch(
