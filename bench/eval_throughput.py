@@ -36,8 +36,8 @@ from hammer.tokenizer import Tokenizer  # noqa: E402
 
 
 def documents(per_domain: int) -> dict[str, list[str]]:
-    readers = {"zh": demo.zh_documents, "en": demo.en_documents, "code": demo.code_documents}
-    return {domain: [text for _, text in itertools.islice(read(), per_domain)] for domain, read in readers.items()}
+    return {domain: [text for _, text in itertools.islice(read(), per_domain)]
+            for domain, read in demo.READERS.items()}
 
 
 def plain_loop(model, ids: list[list[int]], device) -> tuple[float, int]:

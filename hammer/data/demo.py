@@ -86,7 +86,7 @@ def code_documents() -> Iterator[tuple[str, str]]:
                 continue  # a few test-data files declare other encodings; the demo needs none of them
 
 
-_READERS = {"zh": zh_documents, "en": en_documents, "code": code_documents}
+READERS = {"zh": zh_documents, "en": en_documents, "code": code_documents}
 
 
 def build_demo_corpus(output: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
@@ -98,7 +98,7 @@ def build_demo_corpus(output: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BY
         for split in ("train", "valid"):
             (tmp / split).mkdir()
         for domain in DOMAINS:
-            splits = _split(_choose(_READERS[domain](), max_bytes))
+            splits = _split(_choose(READERS[domain](), max_bytes))
             domains[domain] = {}
             for split, docs in splits.items():
                 data = "".join(json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n"
