@@ -67,7 +67,10 @@ def write_torch(dst: str | os.PathLike, config: ModelConfig, tensors: Mapping[st
 
 
 def to_torch(x: np.ndarray) -> torch.Tensor:
+    """A tensor sharing `x`'s memory where it can (copied only when read-only), bfloat16 included."""
     x = np.asarray(x)
+    if not x.flags.writeable:
+        x = x.copy()
     if x.dtype.name == "bfloat16":  # ml_dtypes.bfloat16: the bits again
-        return torch.from_numpy(np.ascontiguousarray(x).view(np.uint16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(x if x.flags.writeable else x.copy())
+        return torch.from_numpy(np.ascontiguousarray(x).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(x)
