@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hammer.data.demo import code_documents, en_documents, zh_documents  # noqa: E402
+from hammer.data.demo import READERS  # noqa: E402
 from hammer.fsio import atomic_file  # noqa: E402
 from hammer.tokenizer import Tokenizer  # noqa: E402
 
@@ -30,9 +30,9 @@ DEFAULT_TOKENIZER = REPO.parent / "shared" / "hammerllm" / "tokenizer"
 
 def corpus(megabytes: float) -> list[str]:
     """About `megabytes` of documents, up to a third from each demo domain."""
-    budget = megabytes * 1e6 / 3
+    budget = megabytes * 1e6 / len(READERS)
     docs = []
-    for read in (zh_documents, en_documents, code_documents):
+    for read in READERS.values():
         size = 0
         for _, text in read():
             if size >= budget:
