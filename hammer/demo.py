@@ -16,9 +16,9 @@ import shlex
 from pathlib import Path
 
 from hammer.config import ModelConfig
+from hammer.data.demo import DOMAINS
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
-DOMAINS = ("zh", "en", "code")
 
 
 def register(subparsers) -> None:

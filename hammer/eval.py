@@ -20,6 +20,9 @@ import numpy as np
 
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_BATCH_SIZE = 8
+# Float32 logits a scorer keeps alive at once, in elements (256 MiB): it runs the head over
+# slices of positions, so a 105789-word vocab never needs all of a batch's logits.
+LOGITS_BUDGET = 1 << 26
 # For scorers with fixed shapes, padded lengths come from this ladder (powers of two and 1.5x), so a
 # jitted scorer compiles a handful of shapes and no batch wastes more than a third of its positions.
 _MIN_BUCKET = 16

@@ -14,8 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# Float32 logits alive at once, in elements (256 MiB).
-LOGITS_BUDGET = 1 << 26
+from hammer.eval import LOGITS_BUDGET
 
 
 class JaxScorer:

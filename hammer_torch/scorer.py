@@ -13,8 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Float32 logits kept alive at once, in elements (256 MiB).
-LOGITS_BUDGET = 1 << 26
+from hammer.eval import LOGITS_BUDGET
 
 
 class TorchScorer:
