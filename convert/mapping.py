@@ -12,9 +12,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from hammer.config import ModelConfig
+from hammer.errors import HammerError
 
 
-class ConvertError(ValueError):
+class ConvertError(HammerError):
     """A checkpoint that does not match its config or the Llama layout."""
 
 

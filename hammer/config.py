@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from hammer.errors import HammerError
 
-class ConfigError(ValueError):
+
+class ConfigError(HammerError):
     """A config value that hammer cannot build a Llama from."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from hammer import tokenizer_hf
+from hammer.errors import HammerError
 
 MODEL_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
@@ -28,7 +29,7 @@ SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 _SENTENCEPIECE_PREFIX = re.compile(r"^[A-Z_]+: (\S+\(\d+\) \[.*\])?")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(HammerError):
     """A tokenizer file that is missing its parts or is not a SentencePiece model."""
 
 

@@ -7,6 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 from hammer.documents import read_text, split_lines
+from hammer.errors import HammerError
 
 # 《通用规范汉字表》 (2013): 3500 level-1 (common), 3000 level-2 and 1605 level-3 characters.
 TGH_LEVEL_SIZES = (3500, 3000, 1605)
@@ -14,7 +15,7 @@ TGH_SET_NAMES = ("FCC", "SCC", "TCC")  # first-, second-, third-level character 
 TGH_TABLE = "tgh_chars.tsv"
 
 
-class CharsetError(ValueError):
+class CharsetError(HammerError):
     """A character list that cannot be read or holds entries that are not single characters."""
 
 

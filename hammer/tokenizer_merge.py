@@ -10,11 +10,13 @@ from dataclasses import dataclass
 
 from sentencepiece import sentencepiece_model_pb2
 
+from hammer.errors import HammerError
+
 ModelProto = sentencepiece_model_pb2.ModelProto
 _PIECE = ModelProto.SentencePiece
 
 
-class MergeError(ValueError):
+class MergeError(HammerError):
     """Inputs that cannot be merged (no shared calibration characters, a character the second model lacks)."""
 
 

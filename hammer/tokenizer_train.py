@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 
 import sentencepiece as spm
 
-from hammer.tokenizer import sentencepiece_reason
 from hammer.documents import read_documents, split_lines
+from hammer.errors import HammerError
+from hammer.tokenizer import sentencepiece_reason
 
 
-class TrainError(ValueError):
+class TrainError(HammerError):
     """Training inputs SentencePiece cannot use (an empty corpus, a vocab too small for its characters)."""
 
 

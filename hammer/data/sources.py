@@ -29,13 +29,15 @@ from typing import IO, Iterator
 
 import numpy as np
 
+from hammer.errors import HammerError
+
 TOKENS_COLUMN = "input_ids"
 _TFDS_PREFIX = "tfds:"
 _REPLACEMENT = "\ufffd"
 _READ_BATCH = 1024  # rows per arrow batch: big enough to amortize conversion, small enough to stream
 
 
-class DataError(ValueError):
+class DataError(HammerError):
     """Input or prepared data that cannot be used as given; the message names the file and the problem."""
 
 
