@@ -75,7 +75,7 @@ def main() -> None:
         "hammer Tokenizer, 2 SentencePiece threads": lambda: tok.encode_batch(docs, num_workers=2),
         "hammer Tokenizer, per-doc encode()": lambda: [tok.encode(d) for d in docs],
     }
-    # transformers' own Llama classes on the released directory (add_prefix_space=False: see tokenizer_hf).
+    # transformers' own Llama classes on the released directory (add_prefix_space=False: see hammer.tokenizer.hf).
     slow = transformers.AutoTokenizer.from_pretrained(args.tokenizer, use_fast=False, add_prefix_space=False)
     fast = transformers.AutoTokenizer.from_pretrained(args.tokenizer, use_fast=True, add_prefix_space=False)
     contenders[f"transformers {type(slow).__name__} (use_fast=False)"] = lambda: slow(docs)["input_ids"]

@@ -11,11 +11,11 @@ import sys
 
 COMMANDS = {
     "convert": ("convert.cli", "convert checkpoints between HF, JAX and torch formats"),
-    "tokenizer": ("hammer.tokenizer_cli", "train, merge and judge SentencePiece tokenizers"),
-    "data": ("hammer.data.cli", "prepare token shards and the demo corpus"),
-    "eval": ("hammer.eval_cli", "perplexity and bits per byte on domain sets"),
-    "generate": ("hammer.generate_cli", "sample text from a model"),
-    "demo": ("hammer.demo", "run the whole pipeline on the embedded demo corpus"),
+    "tokenizer": ("hammer.commands.tokenizer", "train, merge and judge SentencePiece tokenizers"),
+    "data": ("hammer.commands.data", "prepare token shards and the demo corpus"),
+    "eval": ("hammer.commands.eval", "perplexity and bits per byte on domain sets"),
+    "generate": ("hammer.commands.generate", "sample text from a model"),
+    "demo": ("hammer.commands.demo", "run the whole pipeline on the embedded demo corpus"),
 }
 
 

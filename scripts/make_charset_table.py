@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hammer.fsio import atomic_file  # noqa: E402
-from hammer.tokenizer_charsets import TGH_LEVEL_SIZES  # noqa: E402
+from hammer.tokenizer.charsets import TGH_LEVEL_SIZES  # noqa: E402
 
 UNICODE_LICENSE = """\
 UNICODE LICENSE V3

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from hammer.tokenizer_charsets import CharsetError, read_charsets, read_lines, tgh_levels
+from hammer.tokenizer.charsets import CharsetError, read_charsets, read_lines, tgh_levels
 from tests.conftest import REPO
 
 

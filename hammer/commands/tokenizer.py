@@ -59,8 +59,8 @@ def register(subparsers) -> None:
 
 
 def run_train(args) -> int:
-    from hammer.tokenizer_charsets import read_charsets, read_lines
-    from hammer.tokenizer_train import TrainConfig, corpus_sentences, train
+    from hammer.tokenizer.charsets import read_charsets, read_lines
+    from hammer.tokenizer.train import TrainConfig, corpus_sentences, train
 
     _refuse_existing(args.output)
     config = TrainConfig(
@@ -79,8 +79,8 @@ def run_train(args) -> int:
 
 
 def run_merge(args) -> int:
-    from hammer.tokenizer_charsets import read_charsets, read_lines, tgh_levels
-    from hammer.tokenizer_merge import calibration_ratio, merge, parse_model
+    from hammer.tokenizer.charsets import read_charsets, read_lines, tgh_levels
+    from hammer.tokenizer.merge import calibration_ratio, merge, parse_model
 
     _refuse_existing(args.output)
     base = parse_model(Tokenizer.from_pretrained(args.base).model_proto)
@@ -102,8 +102,8 @@ def run_merge(args) -> int:
 
 
 def run_coverage(args) -> int:
-    from hammer.tokenizer_charsets import read_charsets, tgh_levels
-    from hammer.tokenizer_metrics import coverage
+    from hammer.tokenizer.charsets import read_charsets, tgh_levels
+    from hammer.tokenizer.metrics import coverage
 
     charsets = read_charsets(args.charset) if args.charset else tgh_levels()
     tok = Tokenizer.from_pretrained(args.path)
@@ -119,7 +119,7 @@ def run_coverage(args) -> int:
 
 
 def run_compression(args) -> int:
-    from hammer.tokenizer_metrics import compression
+    from hammer.tokenizer.metrics import compression
 
     tok = Tokenizer.from_pretrained(args.path)
     base = Tokenizer.from_pretrained(args.base) if args.base else None

@@ -34,7 +34,7 @@ from sentencepiece import sentencepiece_model_pb2
 from hammer.fsio import atomic_file
 
 if TYPE_CHECKING:
-    from hammer.tokenizer import Tokenizer
+    from hammer.tokenizer.encoding import Tokenizer
 
 _PIECE = sentencepiece_model_pb2.ModelProto.SentencePiece
 _CONTROL_TYPES = (_PIECE.CONTROL, _PIECE.UNKNOWN)

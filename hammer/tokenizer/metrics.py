@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass
 
 from hammer.documents import read_documents
-from hammer.tokenizer import Tokenizer
+from hammer.tokenizer.encoding import Tokenizer
 
 
 @dataclass(frozen=True)

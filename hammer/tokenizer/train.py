@@ -13,7 +13,7 @@ import sentencepiece as spm
 
 from hammer.documents import read_documents, split_lines
 from hammer.errors import HammerError
-from hammer.tokenizer import sentencepiece_reason
+from hammer.tokenizer.encoding import sentencepiece_reason
 
 
 class TrainError(HammerError):

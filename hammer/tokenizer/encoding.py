@@ -17,7 +17,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from hammer import tokenizer_hf
+from hammer.tokenizer import hf
 from hammer.errors import HammerError
 
 MODEL_FILE = "tokenizer.model"
@@ -171,7 +171,7 @@ class Tokenizer:
 
         Files already in `directory` are never replaced.
         """
-        return tokenizer_hf.write_hf_files(self, Path(directory))
+        return hf.write_hf_files(self, Path(directory))
 
     def _add_special(self, ids: list[int]) -> list[int]:
         if self.special.add_bos_token:

@@ -1,0 +1,21 @@
+"""`hammer demo`: the whole pipeline on the embedded demo corpus (the stages are in hammer/demo.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hammer import demo
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.json"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="run the whole pipeline on the embedded demo corpus",
+                              description=demo.__doc__.splitlines()[0])
+    p.add_argument("--output", type=Path, default=Path("runs/demo"),
+                   help="working directory; stages already there are reused (default runs/demo)")
+    p.add_argument("--max-mb", type=float, default=2.0, help="MiB of text per domain (default 2)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer vocabulary (default 8192)")
+    p.add_argument("--config", type=Path, default=TINY,
+                   help="model config.json; its vocab_size is set to the tokenizer's (default configs/tiny.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=demo.run)
