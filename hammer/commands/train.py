@@ -7,19 +7,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hammer.commands import examples
 from hammer.train_config import BACKENDS, load_train_config
-
-EXAMPLES = """examples:
-  hammer train --config configs/tiny.toml data=runs/demo/data output=runs/tiny
-  hammer train --config configs/hammerllm-1.4b.toml mesh.fsdp=8 steps=500000
-  torchrun --nproc_per_node=8 -m hammer train --backend torch --config configs/hammerllm-1.4b.toml
-"""
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="pretrain a Llama (JAX, or the torch twin)",
-                              description=__doc__, epilog=EXAMPLES,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, **examples(
+                                  "hammer train --config configs/tiny.toml steps=100 output=runs/tiny",
+                                  "hammer train --config configs/hammerllm-1.4b.toml mesh.fsdp=8 data=runs/data",
+                                  "torchrun --nproc_per_node=8 -m hammer train --backend torch "
+                                  "--config configs/hammerllm-1.4b.toml"))
     p.add_argument("--config", type=Path, help="TOML training config (see configs/*.toml)")
     p.add_argument("--backend", choices=BACKENDS, help="the trainer (default jax; same as backend=...)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
