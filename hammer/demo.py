@@ -17,6 +17,8 @@ from pathlib import Path
 
 from hammer.config import ModelConfig
 from hammer.data.demo import DOMAINS
+from hammer.errors import HammerError
+from hammer.fsio import atomic_file
 
 def run(args: argparse.Namespace) -> None:
     out: Path = args.output
@@ -39,8 +41,9 @@ def run(args: argparse.Namespace) -> None:
     evals = {}
     for backend, model in models.items():
         report = out / f"eval-{backend}.json"
-        _stage(report, "eval", "--model", model, "--backend", backend, "--json", report,
-               "--data", *[f"{d}={corpus / 'valid' / f'{d}.jsonl'}" for d in DOMAINS])
+        argv = ["eval", "--model", model, "--backend", backend, "--json",
+                "--data", *[f"{d}={corpus / 'valid' / f'{d}.jsonl'}" for d in DOMAINS]]
+        _stage(report, lambda: _write(report, _hammer(*argv, capture=True)))
         evals[backend] = json.loads(report.read_text())
     texts = {b: _hammer("generate", "--model", models[b], "--backend", b, "--prompt",
                         "The quick brown fox", "--temperature", 0, "--max-new-tokens", 16, capture=True)
@@ -76,8 +79,13 @@ def _hammer(*argv, capture: bool = False) -> str:
         code = main(argv)
     print(buffer.getvalue(), end="")
     if code:
-        raise ValueError(f"stage `hammer {argv[0]}` failed; fix it and rerun `hammer demo`")
+        raise HammerError(f"stage `hammer {argv[0]}` failed; fix it and rerun `hammer demo`")
     return buffer.getvalue()
+
+
+def _write(path: Path, text: str) -> None:
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def _files(corpus: Path, split: str) -> list[Path]:

@@ -6,6 +6,12 @@ import json
 import os
 from pathlib import Path
 
+from hammer.errors import HammerError
+
+
+class DocumentError(HammerError):
+    """A corpus file that is not UTF-8, not JSON lines with a "text" field, or holds no documents."""
+
 
 def read_documents(path: str | os.PathLike) -> list[str]:
     """The documents of a UTF-8 file: each non-blank line of a .txt (without its line end), or the
@@ -22,12 +28,12 @@ def read_documents(path: str | os.PathLike) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number} is not JSON: {e}") from None
+                raise DocumentError(f"{path}:{number} is not JSON: {e}") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{number} has no string field 'text'")
+                raise DocumentError(f"{path}:{number} has no string field 'text'")
             docs.append(record["text"])
     if not docs:
-        raise ValueError(f"corpus file {path} holds no documents")
+        raise DocumentError(f"corpus file {path} holds no documents")
     return docs
 
 
@@ -38,7 +44,7 @@ def read_text(path: Path, what: str = "file") -> str:
     try:
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{what} {path} is not UTF-8 text: {e}") from None
+        raise DocumentError(f"{what} {path} is not UTF-8 text: {e}") from None
 
 
 def split_lines(text: str) -> list[str]:

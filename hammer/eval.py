@@ -6,7 +6,9 @@ tokenizer without special tokens and truncated at `max_tokens` ids. Its NLL is s
 scored tokens; ppl = exp(loss); the average over domains is exp(mean of the domain losses). Skywork
 compares models with different tokenizers by dividing the same total NLL by the number of tokens a
 reference tokenizer makes of the same texts (`loss_norm`). Bits per byte divides the NLL by the UTF-8
-bytes of the scored text instead, which needs no reference at all.
+bytes of the same scored tokens instead, which needs no reference at all: the bytes each token after
+the first stands for (`Tokenizer.piece_bytes`: a byte-fallback piece is one byte, a text piece its
+UTF-8 length with `▁` as a space), so the first token's bytes, like its NLL, are left out.
 
 Backends plug in through `Scorer`; this module never imports jax or torch.
 """
@@ -18,6 +20,8 @@ from typing import Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from hammer.errors import HammerError
+
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_BATCH_SIZE = 8
 # Float32 logits a scorer keeps alive at once, in elements (256 MiB): it runs the head over
@@ -26,6 +30,10 @@ LOGITS_BUDGET = 1 << 26
 # For scorers with fixed shapes, padded lengths come from this ladder (powers of two and 1.5x), so a
 # jitted scorer compiles a handful of shapes and no batch wastes more than a third of its positions.
 _MIN_BUCKET = 16
+
+
+class EvalError(HammerError):
+    """Eval inputs that cannot be scored: no domains, a domain with nothing to score, bad sizes."""
 
 
 class Scorer(Protocol):
@@ -52,6 +60,9 @@ class EncodesText(Protocol):
 
     def decode(self, ids) -> str: ...
 
+    @property
+    def piece_bytes(self) -> np.ndarray: ...
+
 
 @dataclass(frozen=True)
 class DomainResult:
@@ -59,7 +70,7 @@ class DomainResult:
     documents: int
     scored_tokens: int  # sum over documents of (tokens - 1)
     nll: float  # total, in nats
-    bytes: int  # UTF-8 bytes of the text that was tokenized
+    bytes: int  # UTF-8 bytes the scored tokens (each document's after the first) stand for
     truncated_documents: int  # documents whose ids were cut at max_tokens (or the model's context)
     reference_tokens: int | None = None
 
@@ -144,29 +155,30 @@ def evaluate(scorer: Scorer, tokenizer: EncodesText, domains: Mapping[str, Seque
              reference_tokenizer: EncodesText | None = None) -> EvalResult:
     """Scores every domain's documents with `scorer`; ids come from `tokenizer`, the model's own."""
     if max_tokens < 6:
-        raise ValueError(f"max_tokens must be >= 6 (two characters to score), got {max_tokens}")
+        raise EvalError(f"max_tokens must be >= 6 (two characters to score), got {max_tokens}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise EvalError(f"batch_size must be >= 1, got {batch_size}")
     if not domains:
-        raise ValueError("no eval domains given")
+        raise EvalError("no eval domains given")
     limit = min(max_tokens, scorer.max_length)
     results = []
     for name, docs in domains.items():
         texts = [truncate(t, max_tokens) for t in docs]
         ids = tokenizer.encode_batch(texts, add_special_tokens=False)
         cut = [i for i, doc in enumerate(ids) if len(doc) > limit]
-        for i in cut:  # bytes and reference tokens then count the text of the ids kept
+        for i in cut:  # reference tokens then count the text of the ids kept
             ids[i] = ids[i][:limit]
             # A cut inside a character's byte-fallback pieces decodes to U+FFFD; that character is not kept.
             texts[i] = tokenizer.decode(ids[i]).rstrip("\ufffd")
         scored = sum(max(len(doc) - 1, 0) for doc in ids)
         if scored == 0:
-            raise ValueError(f"domain {name!r}: no document has two tokens to score")
+            raise EvalError(f"domain {name!r}: no document has two tokens to score")
         nll = float(document_nll(scorer, ids, batch_size).sum())
         reference = None
         if reference_tokenizer is not None:
             reference = sum(len(r) for r in reference_tokenizer.encode_batch(texts, add_special_tokens=False))
-        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        piece_bytes = tokenizer.piece_bytes
+        n_bytes = int(sum(piece_bytes[doc[1:]].sum() for doc in ids))
         results.append(DomainResult(name, len(docs), scored, nll, n_bytes, len(cut), reference))
     return EvalResult(tuple(results), max_tokens)
 

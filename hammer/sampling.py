@@ -11,6 +11,12 @@ from typing import Callable, Protocol, Sequence, TextIO
 
 import numpy as np
 
+from hammer.errors import HammerError
+
+
+class SamplingError(HammerError):
+    """A generation request that cannot run: bad sampling settings, an empty or too long prompt."""
+
 
 class Sampler:
     """Picks a token from one position's logits: argmax at temperature 0, else a draw from the
@@ -18,9 +24,9 @@ class Sampler:
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None):
         if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+            raise SamplingError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
         if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+            raise SamplingError(f"top_p must be in (0, 1], got {top_p}")
         self.temperature, self.top_p = temperature, top_p
         self._rng = np.random.default_rng(seed)
 
@@ -51,7 +57,7 @@ def generate(step: Callable[[Sequence[int]], np.ndarray], prompt_ids: Sequence[i
     then one token a call) and returns the logits of the last of them.
     """
     if not prompt_ids:
-        raise ValueError("the prompt has no tokens")
+        raise SamplingError("the prompt has no tokens")
     new: list[int] = []
     logits = step(prompt_ids)
     while len(new) < max_new_tokens:
@@ -68,9 +74,9 @@ def generate(step: Callable[[Sequence[int]], np.ndarray], prompt_ids: Sequence[i
 def check_context(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
     """Refuses a request that would run past the positions the model was trained on."""
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise SamplingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if prompt_tokens + max_new_tokens > context:
-        raise ValueError(f"the prompt's {prompt_tokens} tokens + {max_new_tokens} new tokens = "
+        raise SamplingError(f"the prompt's {prompt_tokens} tokens + {max_new_tokens} new tokens = "
                          f"{prompt_tokens + max_new_tokens} exceed the model's context of {context} "
                          f"(max_position_embeddings); shorten the prompt or lower --max-new-tokens")
 

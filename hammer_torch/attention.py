@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
+
+from hammer.errors import HammerError
 
 log = logging.getLogger(__name__)
 
@@ -25,15 +28,19 @@ IMPLS = ("flash_attn", "sdpa", "eager")
 _HALF = (torch.bfloat16, torch.float16)
 
 
-class AttentionUnavailableError(RuntimeError):
-    """An explicitly requested attention kernel cannot run on these inputs."""
+class AttentionUnavailableError(HammerError):
+    """An explicitly requested attention kernel cannot run on these inputs (a setting the user can change)."""
 
 
-def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why `impl` cannot run on `device`/`dtype`, or None when it can."""
+def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype,
+                       head_dim: int | None = None) -> str | None:
+    """Why `impl` cannot run on `device`/`dtype` at this head size, or None when it can."""
     if impl == "flash_attn":
         if device.type != "cuda" or dtype not in _HALF:
             return f"flash_attn needs CUDA bfloat16/float16 inputs, got {device.type} {dtype}"
+        limit = _flash_limit(device, head_dim)
+        if limit:
+            return f"flash_attn {limit}"
         try:
             import flash_attn  # noqa: F401
         except ImportError as e:
@@ -43,20 +50,47 @@ def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype) -> s
         if device.type == "cuda" and dtype not in _HALF:
             return (f"sdpa on CUDA runs only the FlashAttention-2 backend, which needs bfloat16/float16, "
                     f"got {dtype}; use attn_impl='eager' for float32")
+        limit = _flash_limit(device, head_dim) if device.type == "cuda" else None
+        if limit:
+            return f"sdpa's FlashAttention-2 backend {limit}"
         return None
     if impl == "eager":
         return None
     raise ValueError(f"attn_impl must be one of auto, {', '.join(IMPLS)}; got {impl!r}")
 
 
-def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The kernel to run: `requested` if it can run, else an error; for "auto" the first that can."""
+def _flash_limit(device: torch.device, head_dim: int | None) -> str | None:
+    """FlashAttention-2's own limits, checked before the first forward would fail inside the kernel:
+    Ampere (sm80) or newer, head size a multiple of 8 up to 256. Without a CUDA runtime there is no
+    GPU to ask: the first forward fails on its own."""
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"needs an sm80+ GPU (Ampere or newer), this one is sm{major}{minor}"
+    if head_dim is not None and (head_dim > 256 or head_dim % 8):
+        return f"needs a head size that is a multiple of 8 up to 256, got {head_dim}"
+    return None
+
+
+def resolve(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str:
+    """The kernel to run: `requested` if it can run, else an error; for "auto" the first that can.
+
+    On a GPU, "auto" ending at eager is warned about: float32 scores of every head are materialized
+    (~4 GB per layer at 8 x 2048), which a flash kernel never holds."""
     if requested == "auto":
+        reasons = {}
         for impl in IMPLS:
-            if unavailable_reason(impl, device, dtype) is None:
+            reasons[impl] = unavailable_reason(impl, device, dtype, head_dim)
+            if reasons[impl] is None:
                 log.info("attention: %s (auto, %s %s)", impl, device.type, dtype)
+                if impl == "eager" and device.type == "cuda":
+                    # One message per cause: the warnings registry then shows it once.
+                    warnings.warn("attention falls back to eager on a GPU (" + "; ".join(
+                        reasons[i] for i in IMPLS if reasons[i]) + "); it holds every score matrix",
+                        stacklevel=2)
                 return impl
-    reason = unavailable_reason(requested, device, dtype)
+    reason = unavailable_reason(requested, device, dtype, head_dim)
     if reason is not None:
         raise AttentionUnavailableError(f"attn_impl={requested!r} is unavailable: {reason}")
     return requested

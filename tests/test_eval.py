@@ -9,7 +9,7 @@ import sentencepiece as spm
 
 from hammer import eval as harness
 from hammer.cli import main
-from hammer.documents import read_documents
+from hammer.documents import DocumentError, read_documents
 from hammer.tokenizer import Tokenizer
 from tests.eval_fixtures import TEXTS, write_domain_files, write_model_dir
 
@@ -28,6 +28,13 @@ class IdScorer:
 
 def expected_nll(id_lists):
     return sum(sum(1.0 + i / 1000.0 for i in ids[1:]) for ids in id_lists)
+
+
+def bytes_after_the_first_token(tokenizer, text):
+    """The text's UTF-8 bytes less those its first token decodes to (a text piece, no dummy prefix)."""
+    first = tokenizer.encode(text, add_special_tokens=False)[0]
+    assert not tokenizer.sp.is_byte(first)
+    return len(text.encode()) - len(tokenizer.decode([first]).encode())
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +99,7 @@ def test_documents_are_cut_to_a_third_of_max_tokens_in_characters_before_tokeniz
     assert d.documents == 3
     assert d.scored_tokens == sum(len(i) - 1 for i in ids)
     assert d.nll == pytest.approx(expected_nll(ids), rel=1e-12)
-    assert d.bytes == sum(len(t[:10].encode()) for t in docs)
+    assert d.bytes == sum(bytes_after_the_first_token(tokenizer, t[:10]) for t in docs)
     assert d.truncated_documents == 0
 
 
@@ -105,7 +112,7 @@ def test_the_first_token_is_never_scored_and_one_token_documents_count_for_nothi
     with_singles = harness.evaluate(IdScorer(), tokenizer, {"d": [TEXTS[1], "A", ""]})["d"]
     assert (with_singles.scored_tokens, with_singles.nll) == (one.scored_tokens, one.nll)
     assert with_singles.documents == 3
-    with pytest.raises(ValueError, match="no document has two tokens"):
+    with pytest.raises(harness.EvalError, match="no document has two tokens"):
         harness.evaluate(IdScorer(), tokenizer, {"d": ["A", ""]})
 
 
@@ -113,11 +120,12 @@ def test_ids_are_cut_at_max_tokens_and_at_the_model_context(tokenizer):
     text = "𝔘𝔘𝔘𝔘𝔘𝔘"  # outside the vocabulary: four byte pieces a character
     assert len(tokenizer.encode(text[:4], add_special_tokens=False)) == 16
     d = harness.evaluate(IdScorer(), tokenizer, {"d": [text]}, max_tokens=12)["d"]  # 4 characters
-    assert (d.scored_tokens, d.truncated_documents, d.bytes) == (11, 1, 12)  # 3 whole characters
+    assert (d.scored_tokens, d.truncated_documents, d.bytes) == (11, 1, 11)  # 3 characters less the first byte
     short_context = IdScorer(max_length=9)
     d = harness.evaluate(short_context, tokenizer, {"d": [text, "ab"]}, max_tokens=12)["d"]
     assert d.scored_tokens == 8 + len(tokenizer.encode("ab", add_special_tokens=False)) - 1
-    assert d.bytes == 8 + 2  # two whole characters of the cut document (its ninth id is a first byte), and "ab"
+    # Ids 2..9 of the cut document are 8 byte pieces (the ninth a first byte, scored and counted).
+    assert d.bytes == 8 + bytes_after_the_first_token(tokenizer, "ab")
     assert max(shape[1] for shape in short_context.calls) <= 9
 
 
@@ -127,9 +135,29 @@ def test_average_is_exp_of_the_mean_domain_loss_and_bits_per_byte_follow_the_nll
     assert result.average_ppl == pytest.approx(math.exp((en.loss + zh.loss) / 2), rel=1e-12)
     assert result.average_ppl != pytest.approx(math.exp((en.nll + zh.nll) / (en.scored_tokens + zh.scored_tokens)))
     for d, texts in ((en, TEXTS[:2]), (zh, TEXTS[2:4])):
-        assert d.bytes == sum(len(t.encode()) for t in texts)
+        assert d.bytes == sum(bytes_after_the_first_token(tokenizer, t) for t in texts)
         assert d.bits_per_byte == pytest.approx(d.nll / math.log(2) / d.bytes, rel=1e-12)
     assert zh.bytes > 2 * sum(len(t) for t in TEXTS[2:4])  # CJK characters are 3 bytes each
+
+
+@pytest.mark.parametrize("dummy_prefix", [False, True], ids=["no-dummy-prefix", "dummy-prefix"])
+def test_bits_per_byte_divides_the_nll_of_the_scored_tokens_by_the_bytes_of_those_tokens(dummy_prefix):
+    from tests.tokenizer_fixtures import train_tiny_model
+
+    tok = Tokenizer(train_tiny_model(add_dummy_prefix=dummy_prefix))
+    docs = ["天地玄黄", "The quick brown fox", "𝔘 fox"]  # 𝔘 is four byte pieces
+    first = [tok.encode(t, add_special_tokens=False)[0] for t in docs]
+    # Llama-2's rule starts "𝔘 fox" with a lone dummy `▁`, HammerLLM's with 𝔘's first byte.
+    assert [tok.id_to_piece(i) for i in first][2] == ("\u2581" if dummy_prefix else "<0xF0>")
+    d = harness.evaluate(IdScorer(), tok, {"d": docs})["d"]
+    # Each first token (its NLL not in the sum) leaves its bytes out of the count too: one for a byte
+    # piece, else what it decodes to ("The" for "▁The", nothing for a lone `▁`: the dummy prefix is no
+    # byte of the text).
+    first_bytes = [1 if tok.sp.is_byte(i) else len(tok.decode([i]).encode()) for i in first]
+    assert d.bytes == sum(len(t.encode()) for t in docs) - sum(first_bytes)
+    assert d.bits_per_byte == pytest.approx(d.nll / math.log(2) / d.bytes, rel=1e-12)
+    # Counting the first tokens' bytes too would have made bits per byte smaller than the truth.
+    assert d.bits_per_byte > d.nll / math.log(2) / sum(len(t.encode()) for t in docs)
 
 
 def test_reference_tokenizer_normalization_divides_the_nll_by_the_reference_token_count(hammerllm_dir):
@@ -185,31 +213,32 @@ def test_domain_files_are_jsonl_with_a_text_field_or_txt_with_a_document_per_lin
     assert read_documents(domain_files["zh"]) == TEXTS[2:4] + ["语言模型。" * 3, "我们在学习"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"content": "no text"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2 has no string field 'text'"):
+    with pytest.raises(DocumentError, match="bad.jsonl:2 has no string field 'text'"):
         read_documents(bad)
     (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
-    with pytest.raises(ValueError, match="latin1.txt is not UTF-8"):
+    with pytest.raises(DocumentError, match="latin1.txt is not UTF-8"):
         read_documents(tmp_path / "latin1.txt")
     (tmp_path / "blank.txt").write_text("\n  \n")
-    with pytest.raises(ValueError, match="blank.txt holds no documents"):
+    with pytest.raises(DocumentError, match="blank.txt holds no documents"):
         read_documents(tmp_path / "blank.txt")
 
 
-def test_hammer_eval_prints_a_table_and_writes_json_matching_the_harness(
-        tmp_path, tiny_model_dir, domain_files, tokenizer, hf_scorer, capsys):
-    out = tmp_path / "eval.json"
+def test_hammer_eval_prints_a_table_or_with_json_only_json_on_stdout_matching_the_harness(
+        tiny_model_dir, domain_files, tokenizer, hf_scorer, capsys):
     argv = ["eval", "--model", str(tiny_model_dir), "--backend", "hf", "--max-tokens", "90",
-            "--data", f"en={domain_files['en']}", f"zh={domain_files['zh']}", "--json", str(out)]
+            "--data", f"en={domain_files['en']}", f"zh={domain_files['zh']}"]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert table.splitlines()[0].split() == ["domain", "docs", "tokens", "loss", "ppl", "bits/byte"]
     assert [line.split()[0] for line in table.splitlines()[1:]] == ["en", "zh", "average"]
-    report = json.loads(out.read_text())
+    assert main(argv + ["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)  # the whole of stdout is one JSON document
     expected = harness.evaluate(hf_scorer, tokenizer, {n: read_documents(f)
                                                        for n, f in domain_files.items()}, max_tokens=90)
     assert report["backend"] == "hf" and report["max_tokens"] == 90
     for name in ("en", "zh"):
         assert report["domains"][name]["loss"] == pytest.approx(expected[name].loss, rel=1e-6)
+        assert report["domains"][name]["bits_per_byte"] == pytest.approx(expected[name].bits_per_byte, rel=1e-6)
         assert report["domains"][name]["documents"] == expected[name].documents
     assert report["average"]["ppl"] == pytest.approx(expected.average_ppl, rel=1e-6)
     assert f"{expected.average_ppl:.3f}" in table.splitlines()[-1]
@@ -218,20 +247,16 @@ def test_hammer_eval_prints_a_table_and_writes_json_matching_the_harness(
 
     assert AutoTokenizer.from_pretrained(tiny_model_dir)(TEXTS[2])["input_ids"] != tokenizer.encode(TEXTS[2])
 
-    # An existing output is never overwritten.
-    assert main(argv) == 2
-    assert "already exists" in capsys.readouterr().err
-    assert json.loads(out.read_text()) == report
-
 
 def test_hammer_eval_reports_the_normalized_ppl_with_a_reference_tokenizer(
-        tmp_path, tiny_model_dir, domain_files, tokenizer, capsys):
-    out = tmp_path / "eval.json"
+        tiny_model_dir, domain_files, tokenizer, capsys):
+    argv = ["eval", "--model", str(tiny_model_dir), "--backend", "hf", "--data", f"zh={domain_files['zh']}",
+            "--reference-tokenizer", str(tiny_model_dir)]
     # The model's own tokenizer as the reference: each document's tokens, the first one included.
-    assert main(["eval", "--model", str(tiny_model_dir), "--backend", "hf", "--data", f"zh={domain_files['zh']}",
-                 "--reference-tokenizer", str(tiny_model_dir), "--json", str(out)]) == 0
+    assert main(argv) == 0
     assert capsys.readouterr().out.splitlines()[0].split()[-1] == "ppl_norm"
-    zh = json.loads(out.read_text())["domains"]["zh"]
+    assert main(argv + ["--json"]) == 0
+    zh = json.loads(capsys.readouterr().out)["domains"]["zh"]
     assert zh["reference_tokens"] == zh["scored_tokens"] + zh["documents"]
     assert zh["loss_norm"] == pytest.approx(zh["nll"] / zh["reference_tokens"], rel=1e-12)
 
@@ -257,13 +282,12 @@ def test_hammer_eval_refuses_a_tokenizer_with_ids_past_the_models_embedding(
     (None, "en=/nonexistent/x.jsonl", "/nonexistent/x.jsonl not found"),
     ("/nonexistent/model", "en=x.jsonl", "model directory /nonexistent/model not found"),
 ])
-def test_hammer_eval_rejects_bad_arguments_in_one_line(tiny_model_dir, tmp_path, model, data, message, capsys):
-    out = tmp_path / "never.json"
+def test_hammer_eval_rejects_bad_arguments_in_one_line(tiny_model_dir, model, data, message, capsys):
     assert main(["eval", "--model", model or str(tiny_model_dir), "--backend", "hf", "--data", data,
-                 "--json", str(out)]) == 2
-    err = capsys.readouterr().err
+                 "--json"]) == 2
+    out, err = capsys.readouterr()
     assert message in err and len(err.strip().splitlines()) == 1
-    assert not out.exists()
+    assert out == ""
 
 
 def test_torch_scorer_heads_a_slice_of_positions_at_a_time_with_the_same_result(tiny_model_dir, tokenizer, hf_scorer):

@@ -2,16 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import json
 
+from hammer.commands import examples
 from hammer.data.prepare import DEFAULT_BLOCK_SIZE
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("data", help="prepare token shards and the demo corpus",
-                                   description=__doc__.splitlines()[0])
+                                   description=__doc__.splitlines()[0], **examples(
+                                       "hammer data prepare --tokenizer runs/tok --input zh.jsonl en.jsonl --output runs/data",
+                                       "hammer data info runs/data --json"))
     commands = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
-    prepare = commands.add_parser("prepare", help="tokenize documents into shards of fixed-length blocks")
+    prepare = commands.add_parser("prepare", help="tokenize documents into shards of fixed-length blocks", **examples(
+        "hammer data prepare --tokenizer runs/tok --input zh.jsonl en.jsonl code/ --output runs/data --workers 8",
+        "hammer data prepare --tokenizer runs/tok --input tfds:wikipedia/20230601.en:train --output runs/wiki"))
     prepare.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.model + HF json)")
     prepare.add_argument("--input", nargs="+", required=True, metavar="FILE",
                          help=".txt (a document a line), .jsonl/.json, .parquet (optionally .gz for text "
@@ -27,16 +33,21 @@ def register(subparsers) -> None:
                          help="default: 2**25 tokens' worth of blocks")
     prepare.add_argument("--tfds-data-dir", default=None, help="TFDS data directory (default: TFDS's own)")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
+    prepare.add_argument("--json", action="store_true", help="print the dataset's index as JSON instead of a summary")
     prepare.set_defaults(func=_prepare)
 
-    demo = commands.add_parser("demo", help="build the embedded demo corpus (zh, en, code) offline")
+    demo = commands.add_parser("demo", help="build the embedded demo corpus (zh, en, code) offline",
+                               **examples("hammer data demo --output runs/corpus --max-mb 1"))
     demo.add_argument("--output", required=True, help="new directory")
     demo.add_argument("--max-mb", type=float, default=4.0, help="MiB of text per domain (default 4)")
+    demo.add_argument("--json", action="store_true", help="print the corpus manifest as JSON instead of a summary")
     demo.set_defaults(func=_demo)
 
-    info = commands.add_parser("info", help="summary of a prepared dataset (sizes checked)")
+    info = commands.add_parser("info", help="summary of a prepared dataset (sizes checked)",
+                               **examples("hammer data info runs/data", "hammer data info runs/data --verify --json"))
     info.add_argument("path")
     info.add_argument("--verify", action="store_true", help="also check every shard's sha256")
+    info.add_argument("--json", action="store_true", help="print the dataset's index as JSON instead of a summary")
     info.set_defaults(func=_info)
 
 
@@ -46,13 +57,19 @@ def _prepare(args: argparse.Namespace) -> None:
     index = prepare(args.tokenizer, args.input, args.output, block_size=args.block_size,
                     text_field=args.text_field, workers=args.workers, blocks_per_shard=args.blocks_per_shard,
                     tfds_data_dir=args.tfds_data_dir, progress=not args.quiet)
-    print(f"{args.output}: {_summary(index)}")
+    if args.json:
+        print(json.dumps(index, indent=2, ensure_ascii=False))
+    else:
+        print(f"{args.output}: {_summary(index)}")
 
 
 def _demo(args: argparse.Namespace) -> None:
     from hammer.data.demo import build_demo_corpus
 
     manifest = build_demo_corpus(args.output, max_bytes=int(args.max_mb * 2**20))
+    if args.json:
+        print(json.dumps(manifest, indent=2, ensure_ascii=False))
+        return
     for domain, splits in manifest["domains"].items():
         print(f"{domain:<5}" + "  ".join(f"{split} {s['documents']} docs {s['text_bytes'] / 2**20:.2f} MiB"
                                          for split, s in splits.items()))
@@ -65,6 +82,9 @@ def _info(args: argparse.Namespace) -> None:
     dataset = load_prepared(args.path)
     if args.verify:
         dataset.verify_checksums()
+    if args.json:
+        print(json.dumps(dataset.metadata, indent=2, ensure_ascii=False))
+        return
     print(f"{args.path}: {_summary(dataset.metadata)}")
     for source in dataset.metadata["sources"]:
         print(f"  {source['path']} ({source['format']}): {source['documents']} documents, "

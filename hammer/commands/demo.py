@@ -4,13 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from hammer import demo
+from hammer.commands import examples
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.json"
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="run the whole pipeline on the embedded demo corpus",
-                              description=demo.__doc__.splitlines()[0])
+                              description=demo.__doc__.splitlines()[0], **examples(
+                                  "hammer demo --output runs/demo",
+                                  "hammer demo --output runs/demo-small --max-mb 0.5 --vocab-size 2048"))
     p.add_argument("--output", type=Path, default=Path("runs/demo"),
                    help="working directory; stages already there are reused (default runs/demo)")
     p.add_argument("--max-mb", type=float, default=2.0, help="MiB of text per domain (default 2)")

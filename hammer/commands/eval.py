@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from hammer import eval as harness
+from hammer.commands import examples
 from hammer.documents import read_documents
-from hammer.fsio import atomic_file
+from hammer.eval import EvalError
 
 BACKENDS = ("jax", "torch", "hf")
 DTYPES = ("float32", "bfloat16")
@@ -16,7 +17,9 @@ DTYPES = ("float32", "bfloat16")
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="perplexity and bits per byte on domain sets",
-                              description=harness.__doc__.split("\n\n")[0])
+                              description=harness.__doc__.split("\n\n")[0], **examples(
+                                  "hammer eval --model runs/hf --backend torch --data zh=valid/zh.jsonl en=valid/en.jsonl",
+                                  "hammer eval --model runs/jax --data code=valid/code.jsonl --json > eval.json"))
     p.add_argument("--model", required=True, type=Path,
                    help="an HF model directory or a hammer JAX checkpoint directory")
     p.add_argument("--data", required=True, nargs="+", action="extend", metavar="NAME=FILE",
@@ -30,7 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--reference-tokenizer", type=Path,
                    help="also report loss and ppl per token of this tokenizer (Skywork's normalization)")
     p.add_argument("--batch-size", type=int, default=harness.DEFAULT_BATCH_SIZE)
-    p.add_argument("--json", type=Path, metavar="OUT", help="write the results here as JSON")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.set_defaults(func=run)
 
 
@@ -39,9 +42,9 @@ def parse_domains(specs: list[str]) -> dict[str, Path]:
     for spec in specs:
         name, sep, file = spec.partition("=")
         if not sep or not name or not file:
-            raise ValueError(f"--data {spec!r}: expected NAME=FILE")
+            raise EvalError(f"--data {spec!r}: expected NAME=FILE")
         if name in domains:
-            raise ValueError(f"--data: domain {name!r} given twice")
+            raise EvalError(f"--data: domain {name!r} given twice")
         domains[name] = Path(file)
     return domains
 
@@ -64,7 +67,7 @@ def load_scorer(backend: str, path: Path, dtype: str) -> harness.Scorer:
         from convert.hf import is_hf_dir
 
         if not is_hf_dir(path):
-            raise ValueError(f"--backend hf reads HF model directories and {path} has no HF weights; "
+            raise EvalError(f"--backend hf reads HF model directories and {path} has no HF weights; "
                              "use --backend jax or torch for a hammer JAX checkpoint")
         return TorchScorer.from_hf(path, dtype=getattr(torch, dtype), device=device)
     import hammer_torch
@@ -79,15 +82,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.model.is_dir():
         raise FileNotFoundError(f"model directory {args.model} not found")
     domain_files = parse_domains(args.data)
-    if args.json is not None:
-        if args.json.exists():
-            raise FileExistsError(f"--json {args.json} already exists; choose a new path or remove it")
-        if not args.json.parent.is_dir():
-            raise FileNotFoundError(f"--json {args.json}: directory {args.json.parent} does not exist")
     if args.max_tokens < 6:
-        raise ValueError(f"--max-tokens must be >= 6, got {args.max_tokens}")
+        raise EvalError(f"--max-tokens must be >= 6, got {args.max_tokens}")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
     domains = {name: read_documents(file) for name, file in domain_files.items()}
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
     tokenizer.check_fits(ModelConfig.from_hf(args.model).vocab_size, str(args.model))
@@ -95,18 +93,16 @@ def run(args: argparse.Namespace) -> int:
     scorer = load_scorer(args.backend, args.model, args.dtype)
     result = harness.evaluate(scorer, tokenizer, domains, max_tokens=args.max_tokens,
                               batch_size=args.batch_size, reference_tokenizer=reference)
-    print(result.table())
     for d in result.domains:
         if d.truncated_documents:
             print(f"note: {d.truncated_documents} {d.name} documents were cut at "
                   f"{min(args.max_tokens, scorer.max_length)} tokens", file=sys.stderr)
-    if args.json is not None:
-        report = {"model": str(args.model), "backend": args.backend, "dtype": args.dtype,
-                  "tokenizer": str(args.tokenizer or args.model),
-                  "reference_tokenizer": str(args.reference_tokenizer) if reference else None,
-                  "data": {name: str(file) for name, file in domain_files.items()},
-                  **result.to_json()}
-        with atomic_file(args.json) as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+    if args.json:
+        print(json.dumps({"model": str(args.model), "backend": args.backend, "dtype": args.dtype,
+                          "tokenizer": str(args.tokenizer or args.model),
+                          "reference_tokenizer": str(args.reference_tokenizer) if reference else None,
+                          "data": {name: str(file) for name, file in domain_files.items()},
+                          **result.to_json()}, indent=2))
+    else:
+        print(result.table())
     return 0

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from hammer.commands import examples
 from hammer.sampling import Sampler, TextStream, check_context, generate
 
 BACKENDS = ("jax", "torch")
@@ -14,7 +15,9 @@ DTYPES = ("float32", "bfloat16")
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="sample text from a model",
                               description="Continue a prompt with a KV cache, printing text as it comes; "
-                                          "stops at EOS or after --max-new-tokens.")
+                                          "stops at EOS or after --max-new-tokens.", **examples(
+                                  'hammer generate --model runs/jax --prompt "你好" --temperature 0 --max-new-tokens 64',
+                                  'hammer generate --model runs/hf --backend torch --prompt "def fib(n):" --top-p 0.9'))
     p.add_argument("--model", required=True, type=Path,
                    help="an HF model directory or a hammer JAX checkpoint directory")
     p.add_argument("--prompt", required=True, help="the text to continue (BOS is added as the tokenizer says)")

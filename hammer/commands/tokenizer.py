@@ -5,16 +5,21 @@ import dataclasses
 import json
 from pathlib import Path
 
+from hammer.commands import examples
 from hammer.fsio import atomic_directory
 from hammer.tokenizer import Tokenizer
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("tokenizer", help="train, merge and judge SentencePiece tokenizers",
-                                   description="Train, merge and judge Llama-format SentencePiece tokenizers.")
+                                   description="Train, merge and judge Llama-format SentencePiece tokenizers.",
+                                   **examples("hammer tokenizer train --input corpus.jsonl --output runs/tok --vocab-size 32000",
+                                              "hammer tokenizer coverage runs/tok --json"))
     commands = parser.add_subparsers(dest="tokenizer_command", metavar="TOOL", required=True)
 
-    p = commands.add_parser("train", help="train a SentencePiece BPE tokenizer from txt/jsonl files")
+    p = commands.add_parser("train", help="train a SentencePiece BPE tokenizer from txt/jsonl files", **examples(
+        "hammer tokenizer train --input zh.jsonl en.jsonl code.jsonl --output runs/tok --vocab-size 32000",
+        "hammer tokenizer train --input corpus.txt --output runs/tok --vocab-size 8192 --required-chars chars.tsv"))
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help=".txt (a line a sentence) or .jsonl ('text')")
     p.add_argument("--output", required=True, type=Path, help="new tokenizer directory (must not exist)")
     p.add_argument("--vocab-size", required=True, type=int)
@@ -25,10 +30,12 @@ def register(subparsers) -> None:
     p.add_argument("--required-chars", type=Path, metavar="FILE",
                    help="characters that must be pieces (.tsv table, charsets .json or one a line)")
     p.add_argument("--input-sentence-size", type=int, default=0, help="sample this many sentences (0: all)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of lines")
     p.set_defaults(func=run_train)
 
-    p = commands.add_parser("merge", help="HammerLLM's merge: base model + missing characters + symbols")
+    p = commands.add_parser("merge", help="HammerLLM's merge: base model + missing characters + symbols", **examples(
+        "hammer tokenizer merge --base internlm-7b/tokenizer.model --second llama_zh_1b/tokenizer.model \\",
+        "    --symbols user_defined_symbol_file.txt --output runs/merged"))
     p.add_argument("--base", required=True, type=Path, help="base tokenizer (directory or .model)")
     p.add_argument("--second", required=True, type=Path, help="model whose scores the added characters take")
     p.add_argument("--output", required=True, type=Path, help="new tokenizer directory (must not exist)")
@@ -38,10 +45,11 @@ def register(subparsers) -> None:
                    help="characters whose score ratio calibrates (default: level 1 of 《通用规范汉字表》)")
     p.add_argument("--ratio", type=float, help="use this calibration ratio instead of computing it")
     p.add_argument("--symbols", type=Path, metavar="FILE", help="user-defined symbols, UTF-8, one a line")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of lines")
     p.set_defaults(func=run_merge)
 
-    p = commands.add_parser("coverage", help="share of character sets that are single pieces")
+    p = commands.add_parser("coverage", help="share of character sets that are single pieces", **examples(
+        "hammer tokenizer coverage runs/merged", "hammer tokenizer coverage runs/merged --charset charsets_char.json --json"))
     p.add_argument("path", type=Path, help="tokenizer directory or .model")
     p.add_argument("--charset", type=Path, metavar="FILE",
                    help="character sets (.json as HammerLLM's, .tsv table, or one a line); "
@@ -49,7 +57,8 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run_coverage)
 
-    p = commands.add_parser("compression", help="bytes per token, and tokens relative to a base tokenizer")
+    p = commands.add_parser("compression", help="bytes per token, and tokens relative to a base tokenizer", **examples(
+        "hammer tokenizer compression runs/merged --data sample.txt --base llama2-7b --workers 4"))
     p.add_argument("path", type=Path, help="tokenizer directory or .model")
     p.add_argument("--data", nargs="+", required=True, metavar="FILE", help=".txt (a line a document) or .jsonl")
     p.add_argument("--base", type=Path, help="tokenizer to compare with (compared = tokens / base tokens)")

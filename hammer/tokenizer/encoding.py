@@ -13,8 +13,10 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from hammer.tokenizer import hf
@@ -142,7 +144,7 @@ class Tokenizer:
                      num_workers: int = 1) -> list[list[int]]:
         """Token ids of many texts; `num_workers` SentencePiece threads share the batch (the GIL is released)."""
         if num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+            raise TokenizerError(f"num_workers must be >= 1, got {num_workers}")
         if self.parse_special_tokens:
             batch = [self._encode_with_specials(t) for t in texts]
         else:
@@ -159,6 +161,15 @@ class Tokenizer:
     def decode(self, ids) -> str:
         """The text of `ids`; control ids (BOS, EOS, pad) decode to nothing."""
         return self._sp.decode([int(i) for i in ids])
+
+    @cached_property
+    def piece_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of text each id stands for: one for a byte-fallback piece, none for a control or
+        unknown piece (byte fallback leaves nothing unknown), else the piece's with `▁` as a space."""
+        sp = self._sp
+        return np.array([1 if sp.is_byte(i) else 0 if sp.is_control(i) or sp.is_unknown(i)
+                         else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+                         for i in range(sp.vocab_size())], np.int64)
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
