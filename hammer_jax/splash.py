@@ -1,0 +1,78 @@
+"""Causal attention through the Pallas splash kernel that JAX ships for TPUs.
+
+The kernel works on one batch element with heads leading ([heads, seq, head_dim]); its MQA form
+takes the query heads of one KV head against that head's K/V ([seq, head_dim]), so grouped-query
+attention is that form vmapped over batch and KV heads, and K/V are never repeated. The kernel
+does not scale the logits: q is scaled by 1/sqrt(head_dim) first. A Pallas kernel sees only
+local arrays, so under a mesh it runs per shard in `jax.shard_map`: batch split over the
+data-parallel axes, heads over "tensor" when it divides the KV heads (a query head's group must
+sit on the device that holds its K/V), else replicated there.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+    BlockSizes, CausalMask, MultiHeadMask, make_splash_mqa_single_device)
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec
+
+from hammer.errors import HammerError
+
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXIS = "tensor"
+LANES = 128  # the kernel tiles sequences in multiples of the TPU's 128 lanes
+BLOCK = 512  # MaxText's default tile; larger tiles stop paying off at head_dim 128
+
+
+def _block(seq_len: int) -> int:
+    if seq_len % LANES:
+        raise HammerError(f"splash attention needs a sequence length that is a multiple of "
+                          f"{LANES}, got {seq_len}")
+    return math.gcd(seq_len, BLOCK)
+
+
+def _kernel(group: int, seq_len: int, interpret: bool):
+    """The forward and backward kernels of causal MQA for `group` query heads per KV head."""
+    b = _block(seq_len)
+    sizes = BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                       block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    mask = MultiHeadMask([CausalMask((seq_len, seq_len))] * group)
+    return make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def _local_attention(q, k, v, *, interpret: bool):
+    """One shard: q [b, t, heads, d], k/v [b, t, kv_heads, d] -> [b, t, heads, d]."""
+    b, t, heads, d = q.shape
+    kv_heads = k.shape[2]
+    kernel = _kernel(heads // kv_heads, t, interpret)
+    q = (q * (1 / math.sqrt(d))).astype(q.dtype)
+    q = q.reshape(b, t, kv_heads, heads // kv_heads, d).transpose(0, 2, 3, 1, 4)  # [b, kv, g, t, d]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, t, d]
+    out = jax.vmap(jax.vmap(kernel))(q, k, v)  # [b, kv, g, t, d]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, heads, d)
+
+
+def splash_attention(q, k, v, mesh: Mesh | AbstractMesh | None = None, *, interpret: bool = False):
+    """Causal attention, q [b, t, heads, d], k/v [b, t, kv_heads, d] -> [b, t, heads, d], as
+    `hammer_jax.model.attention` takes it. It runs per shard of `mesh` (axes among "data",
+    "fsdp", "tensor"), by default the one set with `jax.set_mesh`, or on one device when none
+    is. `interpret=True` runs the kernel off TPU (slowly), as the CPU tests do."""
+    if k.shape[1] != q.shape[1]:
+        raise HammerError(f"splash attention is causal self-attention: q has {q.shape[1]} "
+                          f"positions, k/v {k.shape[1]}")
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return _local_attention(q, k, v, interpret=interpret)
+    batch_axes = tuple(axis for axis in BATCH_AXES if axis in mesh.shape)
+    batch_shards = math.prod(mesh.shape[axis] for axis in batch_axes)
+    if q.shape[0] % batch_shards:
+        raise HammerError(f"batch {q.shape[0]} does not split over mesh axes {batch_axes} "
+                          f"of {batch_shards} devices")
+    head_shards = mesh.shape.get(HEAD_AXIS, 1)
+    head_axis = HEAD_AXIS if head_shards > 1 and k.shape[2] % head_shards == 0 else None
+    spec = PartitionSpec(batch_axes or None, None, head_axis, None)
+    local = jax.shard_map(lambda *qkv: _local_attention(*qkv, interpret=interpret), mesh=mesh,
+                          in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+    return local(q, k, v)
