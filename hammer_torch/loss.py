@@ -52,6 +52,21 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, chunk_size: 
                                  chunk_size, ignore_index)
 
 
+class CausalLMLoss(torch.nn.Module):
+    """The model with `causal_lm_loss` as its forward: the module a trainer wraps in DDP.
+
+    `causal_lm_loss` reads the model's features and head weight itself; called on `ddp.module` it
+    would skip `DDP.forward`, whose hooks are what all-reduce the gradients, and every rank would
+    keep its own. Inside this forward the whole loss is DDP's computation."""
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss(self.model, input_ids, self.chunk_size)
+
+
 def _token_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int) -> torch.Tensor:
     logits = F.linear(h, weight).float()

@@ -105,7 +105,9 @@ class Llama(nn.Module):
         self._resolved: dict[tuple[str, torch.dtype], str] = {}
         # A ModuleDict, not a class, only so that the names are HF's `model.*`.
         self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            # padding_idx as transformers sets it: the pad row gets no gradient from the lookup.
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size,
+                                      padding_idx=config.pad_token_id),
             layers=nn.ModuleList(Block(config) for _ in range(config.num_layers)),
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
         ))
@@ -120,12 +122,15 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def reset_parameters(self) -> None:
-        """HF's initialization: normal(0, initializer_range) matrices, unit norm scales."""
+        """HF's initialization: normal(0, initializer_range) matrices, a zero pad row, unit norm scales."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=self.config.initializer_range)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+        if self.config.pad_token_id is not None:
+            with torch.no_grad():
+                self.model.embed_tokens.weight[self.config.pad_token_id].zero_()
 
     def compile_blocks(self, **compile_kwargs) -> "Llama":
         """torch.compile each block in place: the state-dict keys stay free of `_orig_mod.`."""
@@ -184,7 +189,7 @@ class Llama(nn.Module):
                  if torch.is_autocast_enabled(x.device.type) else x.dtype)
         key = (x.device.type, dtype)
         if key not in self._resolved:
-            self._resolved[key] = attention.resolve(self.attn_impl, x.device, dtype)
+            self._resolved[key] = attention.resolve(self.attn_impl, x.device, dtype, self.config.head_dim)
         return self._resolved[key]
 
 

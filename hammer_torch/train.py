@@ -1,0 +1,272 @@
+"""The torch twin's trainer: HammerLLM's CUDA path (HF Trainer + DeepSpeed ZeRO-1 + flash-attention 2
++ torch.compile, bf16) rebuilt from PyTorch's own engines, on the JAX trainer's config, schedule,
+data order, run directory and metrics.
+
+    hammer train --backend torch --config FILE [key=value ...]                  # one process
+    torchrun --nproc_per_node=N -m hammer train --backend torch --config FILE   # N processes
+
+One process per device (NCCL on GPUs, gloo on CPU); the data-parallel size is the world size. Each
+rank reads its rows of every global batch and runs them as `grad_accum` micro-batches, gradients
+accumulating without communication (`no_sync`) until the last, whose backward DDP all-reduces to the
+mean. The loss is computed inside the DDP module's forward (`CausalLMLoss`). Gradients are then full
+on every rank, so clipping at their global norm needs no communication; ZeRO-1
+(`ZeroRedundancyOptimizer`) keeps on each rank only its part of AdamW's state, updates those
+parameters and broadcasts them. Master weights and optimizer state are float32; `dtype = "bfloat16"`
+runs forward under autocast, as HF Trainer's `--bf16` did (BUILD.md, "Mixed precision").
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm import tqdm
+
+from hammer import schedule
+from hammer.config import ConfigError, ModelConfig
+from hammer.data.loader import Loader, LoaderState, eval_batches, mixture_from_specs, validation_sets
+from hammer.metrics import MetricsLog, check_finite, mfu, peak_flops
+from hammer.run import CHECKPOINTS_DIR, data_fingerprint, open_run
+from hammer.train_config import TrainConfig
+from hammer_torch import train_checkpoint
+from hammer_torch.checkpoint import from_tensors
+from hammer_torch.loss import CausalLMLoss
+from hammer_torch.model import Block, Llama
+
+
+def train(config: TrainConfig) -> Path:
+    """Trains (or resumes) the run of `config`; returns its run directory."""
+    if config.mesh.tensor != 1:
+        raise ConfigError(f"mesh.tensor = {config.mesh.tensor}: the torch trainer is data parallel "
+                          f"only (DDP + ZeRO-1); set mesh.tensor=1 or use backend=jax")
+    if config.remat == "dots":
+        raise ConfigError("remat = 'dots' is a JAX policy; the torch trainer takes none or full")
+    model_config = config.model_config()
+    mixture = mixture_from_specs(config.data)
+    validation = validation_sets(config.validation) if config.validation else {}
+    with _process_group() as device:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        config.mesh.resolve(world)  # any data x fsdp sizes that multiply to the world size
+        if config.batch_size % (world * config.grad_accum):
+            raise ConfigError(f"batch_size {config.batch_size} is not divisible by {world} processes x "
+                              f"grad_accum {config.grad_accum}: every micro-batch must hold the same rows")
+        if validation and config.eval_batch_size % world:
+            raise ConfigError(f"eval_batch_size {config.eval_batch_size} is not divisible by {world} processes")
+        model = _initial_model(config, model_config)
+        run_dir = Path(config.output)
+        if rank == 0:
+            open_run(config, model_config, data_fingerprint(mixture))
+        dist.barrier()
+        return _train(config, model_config, model, mixture, validation, run_dir, device)
+
+
+def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture, validation,
+           run_dir: Path, device: torch.device) -> Path:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model.to(device)
+    loss_module = _compiled(CausalLMLoss(model, config.loss_chunk), config, device)
+    ddp = DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda" else None)
+    optimizer = _optimizer(model, config, device)
+    lr_at = schedule.from_config(config)
+    # LambdaLR multiplies the base lr: update k uses lr(k), the first update lr(0), as HF's did.
+    scheduler = LambdaLR(optimizer, lambda k: lr_at(k) / config.lr)
+
+    checkpoints = run_dir / CHECKPOINTS_DIR
+    resumed = train_checkpoint.restore(checkpoints, model_config, model, optimizer, scheduler)
+    step = resumed.step if resumed else 0
+    tokens = resumed.tokens if resumed else 0
+    loader = Loader(mixture, config.batch_size, seed=config.seed, step=step,
+                    process_index=rank, process_count=world)
+    if resumed:
+        loader.restore(LoaderState.from_dict(resumed.loader))
+    tokenizer = _tokenizer(config) if rank == 0 else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
+    tokens_per_step = config.batch_size * mixture.block_size
+    flops_per_token = model_config.flops_per_token(mixture.block_size)
+    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                      config.peak_flops)
+
+    metrics = MetricsLog(run_dir, step, tensorboard=config.tensorboard) if rank == 0 else None
+    progress = tqdm(total=config.steps, initial=step, disable=rank != 0, unit="step")
+    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with _sigterm_flag() as sigterm, contextlib.ExitStack() as closing:
+        if metrics is not None:
+            closing.enter_context(metrics)
+        closing.callback(progress.close)
+        while step < config.steps:
+            rows = torch.from_numpy(next(loader).astype(np.int64)).to(device)
+            micro_batches = rows.chunk(config.grad_accum)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for i, ids in enumerate(micro_batches):
+                sync = i == len(micro_batches) - 1  # all-reduce only once, after the last backward
+                with contextlib.nullcontext() if sync else ddp.no_sync():
+                    with autocast:
+                        loss = ddp(ids)
+                    (loss / config.grad_accum).backward()
+                loss_sum += loss.detach().double()
+            grad_norm = torch.nn.utils.clip_grad_norm_(ddp.parameters(), config.max_grad_norm or math.inf)
+            # One all-reduce: the step's mean loss over every rank and whether any rank got SIGTERM.
+            shared = torch.stack([loss_sum / config.grad_accum,
+                                  torch.tensor(float(sigterm()), dtype=torch.float64, device=device)])
+            dist.all_reduce(shared)
+            step_loss, stop = shared[0].item() / world, shared[1].item() > 0
+            check_finite(step + 1, loss=step_loss, grad_norm=grad_norm.item())
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, tokens = step + 1, tokens + tokens_per_step
+            window_loss, window_steps = window_loss + step_loss, window_steps + 1
+            progress.update()
+
+            if step % config.log_every == 0 or step == config.steps or stop:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_steps * tokens_per_step / elapsed
+                record = {"step": step, "kind": "train", "loss": window_loss / window_steps, "lr": lr,
+                          "grad_norm": grad_norm.item(), "tokens": tokens, "tokens_per_s": tokens_per_s,
+                          "tokens_per_s_per_device": tokens_per_s / world,
+                          "step_time": elapsed / window_steps,
+                          "mfu": mfu(flops_per_token, tokens_per_s, world, peak)}
+                if device.type == "cuda":
+                    record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+                if metrics is not None:
+                    metrics.write(record)
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                window_loss, window_steps = 0.0, 0
+            if validation and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+                domains = _evaluate(loss_module, validation, config, autocast, device)
+                if metrics is not None:
+                    metrics.write({"step": step, "kind": "eval", "domains": domains})
+            if step % config.checkpoint_every == 0 or step == config.steps or stop:
+                train_checkpoint.save(checkpoints, train_checkpoint.TrainerState(
+                    step, tokens, loader.state.to_dict()), model, optimizer, scheduler,
+                    config.keep_checkpoints, tokenizer)
+            if stop:
+                break
+            if not window_steps:  # a new logging window starts after the eval and the save
+                window_start = time.perf_counter()
+    return run_dir
+
+
+def _initial_model(config: TrainConfig, model_config: ModelConfig) -> Llama:
+    """Random from `seed` (HF's init, the pad row zero), or the weights of `init`: an HF directory,
+    a torch checkpoint (one) or a hammer JAX directory or training checkpoint (through convert)."""
+    if not config.init:
+        torch.manual_seed(config.seed)
+        return Llama(model_config, attn_impl=config.attention_impl)
+    import convert
+
+    init_config, tensors = convert.read_checkpoint(config.init)
+    if init_config != model_config:
+        raise ConfigError(f"init {config.init} holds another model than {config.model}: "
+                          f"{init_config} != {model_config}")
+    model = from_tensors(model_config, convert.check_hf(tensors, model_config), torch.float32,
+                         config.attention_impl)
+    return model.train()
+
+
+def _compiled(loss_module: CausalLMLoss, config: TrainConfig, device: torch.device) -> CausalLMLoss:
+    """Activation checkpointing, then compilation, in place (state-dict keys stay HF's)."""
+    if config.remat == "full":
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            apply_activation_checkpointing)
+
+        apply_activation_checkpointing(loss_module, check_fn=lambda m: isinstance(m, Block))
+    mode = config.compile if config.compile != "auto" else ("blocks" if device.type == "cuda" else "none")
+    if mode == "blocks":
+        loss_module.model.compile_blocks()
+    elif mode == "model":
+        loss_module.compile()
+    return loss_module
+
+
+def _optimizer(model: Llama, config: TrainConfig, device: torch.device) -> ZeroRedundancyOptimizer:
+    """AdamW, its state partitioned across ranks (ZeRO-1); HF Trainer's decay grouping: the norm
+    scales (every 1-d parameter of a Llama) are not decayed, matrices and embeddings are."""
+    params = dict(model.named_parameters())  # a tied head appears once
+    groups = [{"params": [p for p in params.values() if p.ndim >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0}]
+    return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=config.lr,
+                                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+                                   fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def _evaluate(loss_module: CausalLMLoss, validation, config: TrainConfig, autocast,
+              device: torch.device) -> dict[str, dict[str, float]]:
+    """Mean next-token loss of each validation set (the first `eval_batches` batches), all ranks."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    loss_module.eval()
+    domains = {}
+    for name, dataset in validation.items():
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, predicted tokens
+        batches = eval_batches(dataset, config.eval_batch_size, process_index=rank, process_count=world)
+        for i, rows in enumerate(batches):
+            if config.eval_batches and i == config.eval_batches:
+                break
+            if len(rows):
+                ids = torch.from_numpy(rows.astype(np.int64)).to(device)
+                with autocast:
+                    mean = loss_module(ids)
+                count = ids.shape[0] * (ids.shape[1] - 1)
+                total += torch.stack([mean.double() * count, torch.tensor(count, dtype=torch.float64,
+                                                                          device=device)])
+        dist.all_reduce(total)
+        loss = (total[0] / total[1]).item()
+        domains[name] = {"loss": loss, "ppl": math.exp(loss), "tokens": int(total[1].item())}
+    loss_module.train()
+    return domains
+
+
+def _tokenizer(config: TrainConfig):
+    if not config.tokenizer:
+        return None
+    from hammer.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(config.tokenizer)
+
+
+@contextlib.contextmanager
+def _process_group() -> Iterator[torch.device]:
+    """torch.distributed from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR...), or a group
+    of one without torchrun: one code path, DDP and ZeRO-1 included, whatever the world size."""
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, device_id=device if cuda else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+    """While inside, SIGTERM only raises a flag (read by calling the yielded function): the loop
+    finishes its step, saves a checkpoint and returns normally."""
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: received.append(True))
+    try:
+        yield lambda: bool(received)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
