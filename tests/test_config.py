@@ -88,9 +88,18 @@ def test_missing_config_json_names_the_path(tmp_path):
         ModelConfig.from_hf(tmp_path)
 
 
-def test_tiny_preset_loads():
-    config = ModelConfig.from_hf(json.loads((REPO / "configs" / "tiny.json").read_text()))
-    assert config.num_heads % config.num_kv_heads == 0
+def test_tiny_preset_is_read_as_transformers_reads_it():
+    transformers = pytest.importorskip("transformers")
+    path = REPO / "configs" / "tiny.json"
+    config = ModelConfig.from_hf(json.loads(path.read_text()))
+    hf = transformers.LlamaConfig.from_json_file(path)
+    assert (config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size) == \
+        (hf.num_hidden_layers, hf.hidden_size, hf.intermediate_size, hf.vocab_size)
+    assert (config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps) == \
+        (hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim, hf.rms_norm_eps)
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 0)
+    assert config.param_count() == transformers.LlamaForCausalLM(hf).num_parameters()
+    assert ModelConfig.from_hf(config.to_hf()) == config
 
 
 def test_replace_rederives_head_dim_and_flops_per_token_counts_6n_plus_attention():
