@@ -66,6 +66,8 @@ def save(directory: Path, state: TrainerState, model: torch.nn.Module, optimizer
     path = None
     if dist.get_rank() == 0:
         path = directory / f"step_{state.step}"
+        if path.exists():  # one that `restore` found unreadable and skipped: trained again now
+            shutil.rmtree(path)
         with atomic_directory(path) as tmp:
             hf = save_pretrained(model, tmp / "hf", tokenizer=tokenizer)
             for file in hf.iterdir():  # the step directory itself is the HF directory
