@@ -21,6 +21,14 @@ from flax import nnx
 from hammer.config import ModelConfig
 
 ATTENTION_IMPLS = ("xla", "cudnn", "reference")
+# What a decoder layer keeps for backward under activation checkpointing: "dots" keeps the
+# projections' matmul outputs (recomputing norms, RoPE, softmax, SiLU), "full" keeps only the
+# layer's input and recomputes the whole layer.
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 def _init(config: ModelConfig, axes: tuple[str, ...]) -> nnx.Initializer:
@@ -28,6 +36,20 @@ def _init(config: ModelConfig, axes: tuple[str, ...]) -> nnx.Initializer:
     mesh is `hammer_jax.sharding`'s job, and a model must build without one."""
     return nnx.with_partitioning(nnx.initializers.normal(config.initializer_range), axes,
                                  eager_sharding=False)
+
+
+def _embedding_init(config: ModelConfig) -> nnx.Initializer:
+    """HF's embedding initializer: normal, with the row of `pad_token_id` zeroed as
+    `nn.Embedding(padding_idx=pad)` leaves it."""
+    normal = nnx.initializers.normal(config.initializer_range)
+
+    def init(key, shape, dtype=jnp.float32):
+        table = normal(key, shape, dtype)
+        if config.pad_token_id is None:
+            return table
+        return table.at[config.pad_token_id].set(0)
+
+    return nnx.with_partitioning(init, ("vocab", "embed"), eager_sharding=False)
 
 
 def default_attention_impl(dtype) -> str:
@@ -174,14 +196,16 @@ class Llama(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, attention_impl: str | None = None,
-                 scan_layers: bool = False):
+                 scan_layers: bool = False, remat: str = "none"):
         impl = attention_impl or default_attention_impl(dtype)
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl {impl!r} is not one of {ATTENTION_IMPLS}")
-        self.config, self.dtype, self.scan_layers = config, dtype, scan_layers
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {remat!r} is not one of {tuple(REMAT_POLICIES)}")
+        self.config, self.dtype, self.scan_layers, self.remat = config, dtype, scan_layers, remat
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **kw,
-                                      embedding_init=_init(config, ("vocab", "embed")), rngs=rngs)
+                                      embedding_init=_embedding_init(config), rngs=rngs)
         if scan_layers:
             @nnx.split_rngs(splits=config.num_layers)
             @nnx.vmap(axis_size=config.num_layers, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -227,17 +251,32 @@ class Llama(nnx.Module):
         x, cache = self._decoder(input_ids, positions, cache)
         return self.head(x), dataclasses.replace(cache, length=cache.length + input_ids.shape[1])
 
-    def _decoder(self, input_ids, positions, cache: KVCache | None):
+    def embed(self, input_ids):
+        """Token embeddings; the pad token's row gets no gradient from the lookup, as with
+        transformers' `nn.Embedding(padding_idx=pad)` (a tied head still trains it)."""
         x = self.embed_tokens(input_ids)
+        pad = self.config.pad_token_id
+        if pad is None:
+            return x
+        return jnp.where((input_ids == pad)[..., None], jax.lax.stop_gradient(x), x)
+
+    def _decoder(self, input_ids, positions, cache: KVCache | None):
+        x = self.embed(input_ids)
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta)
+
+        def step(layer, x, cache, i):
+            return layer(x, cos, sin, cache, i)
+
+        if cache is None and self.remat != "none":  # training: a decoding step keeps nothing
+            step = nnx.remat(step, policy=REMAT_POLICIES[self.remat])
         if self.scan_layers:
             @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)
             def run(carry, layer, i):
                 x, cache = carry
-                return layer(x, cos, sin, cache, i)
+                return step(layer, x, cache, i)
 
             x, cache = run((x, cache), self.layers, jnp.arange(self.config.num_layers))
         else:
             for i, layer in enumerate(self.layers):
-                x, cache = layer(x, cos, sin, cache, i)
+                x, cache = step(layer, x, cache, i)
         return self.norm(x), cache
