@@ -7,12 +7,14 @@ tensor parallel over heads and the MLP). Activations are left to XLA's propagati
 """
 from __future__ import annotations
 
-import math
+import warnings
 from typing import Callable, Mapping
 
 import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from hammer.train_config import MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 RULES: Mapping[str, str | None] = {
@@ -26,17 +28,17 @@ RULES: Mapping[str, str | None] = {
 }
 
 
-def make_mesh(axis_sizes: Mapping[str, int]) -> Mesh:
-    """A mesh over all devices, e.g. {"data": 2, "fsdp": 2, "tensor": 2}; -1 takes the rest."""
-    sizes = dict(axis_sizes)
-    unknown = set(sizes) - set(MESH_AXES)
-    if unknown:
-        raise ValueError(f"mesh axes {sorted(unknown)} are not among {MESH_AXES}")
-    sizes = {axis: sizes.get(axis, 1) for axis in MESH_AXES}
-    if -1 in sizes.values():
-        rest = jax.device_count() // math.prod(s for s in sizes.values() if s != -1)
-        sizes = {axis: rest if s == -1 else s for axis, s in sizes.items()}
-    return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+def make_mesh(axis_sizes: Mapping[str, int] | MeshConfig) -> Mesh:
+    """A mesh over all devices, e.g. {"data": 2, "fsdp": 2, "tensor": 2}; -1 takes the rest. A mesh
+    that leaves a device idle or needs more devices than there are is refused (ConfigError)."""
+    if not isinstance(axis_sizes, MeshConfig):
+        unknown = set(axis_sizes) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"mesh axes {sorted(unknown)} are not among {MESH_AXES}")
+        axis_sizes = MeshConfig(**{axis: axis_sizes.get(axis, 1) for axis in MESH_AXES})
+    sizes = axis_sizes.resolve(jax.device_count())
+    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                         axis_types=(AxisType.Auto,) * 3)
 
 
 def logical_to_spec(names, rules: Mapping[str, str | None] = RULES) -> PartitionSpec:
@@ -54,16 +56,36 @@ def logical_to_spec(names, rules: Mapping[str, str | None] = RULES) -> Partition
 
 def param_sharding(variable: nnx.Variable, mesh: Mesh, rules=RULES) -> NamedSharding:
     """The NamedSharding of one parameter. A dimension its mesh axis does not divide (one KV
-    head on a 2-way tensor axis) is replicated rather than refused."""
+    head on a 2-way tensor axis, an odd vocabulary) is replicated rather than refused;
+    `model_shardings` warns about it."""
+    return NamedSharding(mesh, PartitionSpec(*_fitted_spec(variable, mesh, rules)[0]))
+
+
+def _fitted_spec(variable: nnx.Variable, mesh: Mesh, rules) -> tuple[list, list[str]]:
+    """(spec, notes): the rule's spec with undividable dimensions replicated, and a note for each."""
     names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
-    spec = [axis if axis is None or size % mesh.shape[axis] == 0 else None
-            for axis, size in zip(logical_to_spec(names, rules), variable.shape)]
-    return NamedSharding(mesh, PartitionSpec(*spec))
+    spec, notes = [], []
+    for name, axis, size in zip(names, logical_to_spec(names, rules), variable.shape):
+        if axis is not None and size % mesh.shape[axis]:
+            notes.append(f"{name} {size} over {axis} {mesh.shape[axis]}")
+            axis = None
+        spec.append(axis)
+    return spec, notes
 
 
 def model_shardings(model: nnx.Module, mesh: Mesh, rules=RULES) -> nnx.State:
-    """The model's state with each Variable replaced by its NamedSharding."""
-    return jax.tree.map(lambda v: param_sharding(v, mesh, rules), nnx.state(model),
+    """The model's state with each Variable replaced by its NamedSharding. One warning names
+    every parameter left replicated along a dimension its mesh axis does not divide."""
+    state = nnx.state(model)
+    replicated = []
+    for path, variable in nnx.to_flat_state(state):
+        notes = _fitted_spec(variable, mesh, rules)[1]
+        if notes:
+            replicated.append(f"{'.'.join(map(str, path))} ({', '.join(notes)})")
+    if replicated:
+        warnings.warn(f"{len(replicated)} parameters are replicated along a dimension their mesh "
+                      f"axis does not divide: {'; '.join(replicated)}", stacklevel=2)
+    return jax.tree.map(lambda v: param_sharding(v, mesh, rules), state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
