@@ -13,28 +13,22 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import (
     BlockSizes, CausalMask, MultiHeadMask, make_splash_mqa_single_device)
-from jax.sharding import AbstractMesh, Mesh, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from hammer.errors import HammerError
 
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
 LANES = 128  # the kernel tiles sequences in multiples of the TPU's 128 lanes
-BLOCK = 512  # MaxText's default tile; larger tiles stop paying off at head_dim 128
-
-
-def _block(seq_len: int) -> int:
-    if seq_len % LANES:
-        raise HammerError(f"splash attention needs a sequence length that is a multiple of "
-                          f"{LANES}, got {seq_len}")
-    return math.gcd(seq_len, BLOCK)
+BLOCK = 512  # MaxText's default tile (sa_block_*), taken where it divides the length
 
 
 def _kernel(group: int, seq_len: int, interpret: bool):
     """The forward and backward kernels of causal MQA for `group` query heads per KV head."""
-    b = _block(seq_len)
+    b = math.gcd(seq_len, BLOCK)
     sizes = BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                        block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     mask = MultiHeadMask([CausalMask((seq_len, seq_len))] * group)
@@ -42,7 +36,8 @@ def _kernel(group: int, seq_len: int, interpret: bool):
 
 
 def _local_attention(q, k, v, *, interpret: bool):
-    """One shard: q [b, t, heads, d], k/v [b, t, kv_heads, d] -> [b, t, heads, d]."""
+    """One shard: q [b, t, heads, d], k/v [b, t, kv_heads, d] -> [b, t, heads, d], t a
+    multiple of the lane width."""
     b, t, heads, d = q.shape
     kv_heads = k.shape[2]
     kernel = _kernel(heads // kv_heads, t, interpret)
@@ -61,6 +56,12 @@ def splash_attention(q, k, v, mesh: Mesh | AbstractMesh | None = None, *, interp
     if k.shape[1] != q.shape[1]:
         raise HammerError(f"splash attention is causal self-attention: q has {q.shape[1]} "
                           f"positions, k/v {k.shape[1]}")
+    t = q.shape[1]
+    if t % LANES:
+        # Padding at the end is exact: no real query reaches a later key under the causal mask.
+        pad = ((0, 0), (0, -t % LANES), (0, 0), (0, 0))
+        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+        return splash_attention(q, k, v, mesh, interpret=interpret)[:, :t]
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
@@ -73,6 +74,10 @@ def splash_attention(q, k, v, mesh: Mesh | AbstractMesh | None = None, *, interp
     head_shards = mesh.shape.get(HEAD_AXIS, 1)
     head_axis = HEAD_AXIS if head_shards > 1 and k.shape[2] % head_shards == 0 else None
     spec = PartitionSpec(batch_axes or None, None, head_axis, None)
+    if all(axis_type == AxisType.Explicit for axis_type in mesh.axis_types):
+        # Explicit sharding is part of the type, which shard_map checks rather than converts.
+        q, k, v = (jax.reshard(x, NamedSharding(mesh, spec)) for x in (q, k, v))
+    # check_vma=False: the kernel's pallas_call declares no varying mesh axes for its outputs.
     local = jax.shard_map(lambda *qkv: _local_attention(*qkv, interpret=interpret), mesh=mesh,
                           in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
     return local(q, k, v)

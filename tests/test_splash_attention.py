@@ -1,7 +1,7 @@
 """Splash attention (the Pallas TPU kernel, run here in interpret mode) against the float32
 einsum reference: values and dq, dk, dv, grouped-query heads, and per shard on a CPU mesh.
 
-Tolerance: 2e-5 max-abs on float32 values and gradients of magnitude ~1-6 (measured <= 5e-6).
+Tolerance: 2e-5 max-abs on float32 values and gradients of magnitude ~1-6 (measured <= 5.7e-6).
 """
 import os
 import subprocess
@@ -40,10 +40,10 @@ def max_errors(attention, batch, seq, heads, kv_heads, head_dim):
 
 @pytest.mark.slow
 def test_grouped_query_values_and_gradients_equal_the_reference():
-    # 384 positions are three 128-wide tiles: the kernel skips the masked tile pairs and carries
-    # the softmax across tiles, as at full length.
+    # 320 positions are padded to three 128-wide tiles: the kernel skips the masked tile pairs
+    # and carries the softmax across tiles, as at full length.
     errors, _ = max_errors(lambda q, k, v: splash_attention(q, k, v, interpret=True),
-                        batch=2, seq=384, heads=4, kv_heads=2, head_dim=64)
+                        batch=2, seq=320, heads=4, kv_heads=2, head_dim=64)
     assert max(errors) < TOLERANCE, dict(zip(("out", "dq", "dk", "dv"), errors))
 
 
@@ -51,24 +51,30 @@ SHARDED_SCRIPT = """
 import jax
 from jax.sharding import PartitionSpec as P
 from hammer.errors import HammerError
+from hammer_jax.model import reference_attention
 from hammer_jax.sharding import make_mesh
 from hammer_jax.splash import splash_attention
 from tests.test_splash_attention import TOLERANCE, max_errors
 
 mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-attention = lambda q, k, v: splash_attention(q, k, v, mesh, interpret=True)
-# 4 query heads on 2 KV heads: each tensor shard holds one KV head and its two query heads.
-errors, out = max_errors(attention, batch=4, seq=256, heads=4, kv_heads=2, head_dim=128)
-assert max(errors) < TOLERANCE, errors
-assert out.sharding.spec == P(("data", "fsdp"), None, "tensor"), out.sharding
-x = jax.numpy.zeros((4, 256, 4, 128))
+attention = lambda q, k, v: splash_attention(q, k, v, interpret=True)
+with jax.set_mesh(mesh):  # the mesh a trainer sets; splash_attention takes it from there
+    # 4 query heads on 2 KV heads: each tensor shard holds one KV head and its 2 query heads.
+    errors, out = max_errors(attention, batch=4, seq=256, heads=4, kv_heads=2, head_dim=128)
+    assert max(errors) < TOLERANCE, errors
+    assert out.sharding.spec == P(("data", "fsdp"), None, "tensor"), out.sharding
+    # One KV head cannot split over 2 tensor devices: heads are replicated there instead.
+    q = jax.random.normal(jax.random.key(1), (4, 128, 4, 64))
+    kv = q[:, :, :1] * 0.5
+    mqa_error = float(abs(jax.jit(attention)(q, kv, kv) - reference_attention(q, kv, kv, None)).max())
+    assert mqa_error < TOLERANCE, mqa_error
 try:
-    splash_attention(x[:3], x[:3, :, :2], x[:3, :, :2], mesh, interpret=True)
+    splash_attention(q[:3], kv[:3], kv[:3], mesh, interpret=True)
 except HammerError as e:
     assert "batch 3 does not split over mesh axes ('data', 'fsdp') of 4 devices" in str(e), e
 else:
     raise AssertionError("a batch of 3 on 4 data-parallel devices was accepted")
-print("ok", errors)
+print("ok", errors, mqa_error)
 """
 
 
@@ -83,10 +89,7 @@ def test_on_an_eight_device_mesh_batch_and_heads_are_sharded_and_the_numbers_sta
     assert out.stdout.startswith("ok"), out.stdout
 
 
-def test_lengths_off_the_128_lane_tiles_and_cross_attention_are_refused():
-    q = jnp.zeros((1, 200, 4, 64))
-    with pytest.raises(HammerError, match="multiple of 128, got 200"):
-        splash_attention(q, q[:, :, :2], q[:, :, :2], interpret=True)
+def test_cross_attention_is_refused():
     q = jnp.zeros((1, 128, 4, 64))
     kv = jnp.zeros((1, 256, 2, 64))
     with pytest.raises(HammerError, match="q has 128 positions, k/v 256"):
