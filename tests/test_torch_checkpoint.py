@@ -45,15 +45,27 @@ def test_from_pretrained_of_a_tied_checkpoint_in_bfloat16_keeps_the_head_tied(tm
     assert {p.dtype for p in twin.parameters()} == {torch.bfloat16}
     x = ids(config)
     expected = logits_of(hf, x)
-    assert (logits_of(twin, x).float() - expected).abs().max() <= 0.05 * expected.abs().max()
+    theirs = (logits_of(hf.to(torch.bfloat16), x).float() - expected).abs().max()
+    # No worse than transformers' own bfloat16 run (1.5x for which roundings line up, as convert's test).
+    assert (logits_of(twin, x).float() - expected).abs().max() <= 1.5 * theirs
 
 
-def test_from_pretrained_with_compile_compiles_each_block_in_place(tmp_path):
-    config = make_config()
+@pytest.mark.slow
+def test_from_pretrained_with_compile_runs_compiled_blocks_that_give_the_eager_logits(tmp_path):
+    from torch._dynamo.utils import counters
+
+    config = make_config(num_layers=1, vocab_size=211)  # small: inductor compiles C++ on CPU
     hf_model(config).save_pretrained(tmp_path)
-    twin = hammer_torch.from_pretrained(tmp_path, compile=True)
-    assert all(block._compiled_call_impl is not None for block in twin.model.layers)
-    assert set(twin.state_dict()) == set(hf_model(config).state_dict())
+    eager = hammer_torch.from_pretrained(tmp_path, attn_impl="sdpa")
+    torch._dynamo.reset()
+    counters.clear()
+    twin = hammer_torch.from_pretrained(tmp_path, attn_impl="sdpa", compile=True)
+    x = ids(config, seq=13)
+    got = logits_of(twin, x)
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo traced and compiled the block
+    assert (got - logits_of(eager, x)).abs().max() <= 1e-5
+    assert got.abs().max() > 1.0  # the comparison is not between near-zero logits
+    assert set(twin.state_dict()) == set(hf_model(config).state_dict())  # no `_orig_mod.` keys
 
 
 def test_saved_twin_loads_in_transformers_and_back_unchanged(tmp_path):
