@@ -10,7 +10,9 @@ torch state dicts. Pure functions over name -> numpy array maps; bfloat16 is ml_
     hf_to_jax(tensors, config, scan_layers=False) -> params  nested dict, nnx pure-dict layout
     jax_to_hf(params, config) -> {hf_name: array}            per-layer or stacked params
     layer_layout(params, config, stacked) -> params          per-layer <-> stacked, checked
-    load_jax(path) -> (ModelConfig, params)                  orbax checkpoint + config.json
+    load_jax(path) -> (ModelConfig, params)                  orbax checkpoint + config.json, or a
+                                                             JAX training run / checkpoint step
+    locate_jax(path) -> (config dir, params dir)
     save_jax(dst, config, params, tokenizer=None, dtype=None, generation_config=None)
     read_generation_config(path) -> dict | None              a directory's generation_config.json
     read_checkpoint(path) -> (ModelConfig, {hf_name: array}) either format, detected
@@ -21,7 +23,7 @@ failure leaves no DST. Bad input raises ConvertError (a ValueError) naming the t
 """
 from convert.hf import (TokenizerFiles, is_hf_dir, load_hf, read_generation_config, save_hf,
                         strip_wrapper_prefixes)
-from convert.jax_checkpoint import is_jax_dir, load_jax, save_jax
+from convert.jax_checkpoint import is_jax_dir, load_jax, locate_jax, save_jax
 from convert.mapping import (TABLE, ConvertError, check_hf, hf_to_jax, jax_to_hf, layer_layout,
                              tensors)
 
@@ -45,6 +47,6 @@ def read_jax_params(path, scan_layers: bool = False) -> tuple:
 
 
 __all__ = ["TABLE", "ConvertError", "TokenizerFiles", "check_hf", "hf_to_jax", "is_hf_dir",
-           "is_jax_dir", "jax_to_hf", "layer_layout", "load_hf", "load_jax", "read_checkpoint",
+           "is_jax_dir", "jax_to_hf", "layer_layout", "load_hf", "load_jax", "locate_jax", "read_checkpoint",
            "read_generation_config", "read_jax_params", "save_hf", "save_jax",
            "strip_wrapper_prefixes", "tensors"]

@@ -2,6 +2,8 @@
 
 The tree is hammer_jax's `nnx.state(model, nnx.Param).to_pure_dict()`, per-layer or stacked
 (scan_layers); readers accept either. orbax is imported only here, when a JAX directory is used.
+The JAX trainer's checkpoints read the same way: a step directory RUN/checkpoints/<step> holds
+`params/` and takes config.json from its run directory RUN; RUN itself means its newest step.
 """
 from __future__ import annotations
 
@@ -11,31 +13,55 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from convert.hf import to_dtype, write_generation_config
-from convert.mapping import ConvertError, map_leaves
+from convert.hf import dtype_label, to_dtype, write_generation_config
+from convert.mapping import ConvertError, leaves, map_leaves
 from hammer.config import ModelConfig
 from hammer.fsio import atomic_directory
+from hammer.run import CHECKPOINTS_DIR
 
 PARAMS_DIR = "params"
 
 
 def is_jax_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / PARAMS_DIR).is_dir()
+    return (Path(path) / PARAMS_DIR).is_dir() or _training_checkpoint(Path(path)) is not None
+
+
+def locate_jax(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(directory holding config.json, params directory) of a hammer JAX directory or a JAX
+    training checkpoint (a run directory or one of its steps)."""
+    path = Path(path)
+    found = _training_checkpoint(path)
+    if found is not None:
+        return found
+    return path, path / PARAMS_DIR
+
+
+def _training_checkpoint(path: Path) -> tuple[Path, Path] | None:
+    if (path / CHECKPOINTS_DIR).is_dir() and (path / "config.json").is_file():
+        steps = [int(p.name) for p in (path / CHECKPOINTS_DIR).iterdir()
+                 if p.name.isdigit() and (p / PARAMS_DIR).is_dir()]
+        return (path, path / CHECKPOINTS_DIR / str(max(steps)) / PARAMS_DIR) if steps else None
+    run = path.parent.parent
+    if ((path / PARAMS_DIR).is_dir() and path.parent.name == CHECKPOINTS_DIR
+            and not (path / "config.json").is_file() and (run / "config.json").is_file()):
+        return run, path / PARAMS_DIR
+    return None
 
 
 def save_jax(dst: str | os.PathLike, config: ModelConfig, params: Mapping[str, Any], *,
              tokenizer: Any = None, dtype: str | None = None,
              generation_config: Mapping[str, Any] | None = None) -> Path:
-    """Writes config.json, the orbax checkpoint of `params` and, given them, the tokenizer and
-    the generation_config.json to carry into a later HF export."""
+    """Writes config.json (torch_dtype: the params' one dtype), the orbax checkpoint of `params`
+    (numpy or jax arrays) and, given them, the tokenizer and the generation_config.json to carry
+    into a later HF export."""
     import orbax.checkpoint as ocp
 
     if dtype is not None:
         params = map_leaves(lambda x: to_dtype(x, dtype), params)
     with atomic_directory(dst) as tmp:
-        config.save(tmp, dtype=dtype)
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save((tmp / PARAMS_DIR).absolute(), params)
+        config.save(tmp, dtype=dtype_label(leaves(params)))
+        with _checkpointer() as checkpointer:
+            checkpointer.save((tmp / PARAMS_DIR).absolute(), args=ocp.args.PyTreeSave(params))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if generation_config is not None:
@@ -47,14 +73,31 @@ def load_jax(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
     """(config, param tree of numpy arrays) from a directory `save_jax` wrote."""
     import orbax.checkpoint as ocp
 
-    path = Path(path)
-    config = ModelConfig.from_hf(path)
-    if not is_jax_dir(path):
-        raise FileNotFoundError(f"no orbax checkpoint at {path / PARAMS_DIR}")
-    with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore((path / PARAMS_DIR).absolute())
-    if not isinstance(params, Mapping):
-        raise ConvertError(f"{path / PARAMS_DIR} holds a {type(params).__name__}, not a param tree")
-    return config, map_leaves(np.asarray, params)
+    config_dir, params_dir = locate_jax(path)
+    config = ModelConfig.from_hf(config_dir)
+    if not params_dir.is_dir():
+        raise FileNotFoundError(f"no orbax checkpoint at {params_dir}")
+    with _checkpointer() as checkpointer:
+        saved = checkpointer.metadata(params_dir.absolute()).tree
+        if not isinstance(saved, Mapping):
+            raise ConvertError(f"{params_dir} holds a {type(saved).__name__}, not a param tree")
+        # Every leaf as numpy, however it was saved (a trainer saves jax.Arrays): straight from
+        # the file into host memory, never through a jax.Array on a device.
+        as_numpy = map_leaves(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+        params = checkpointer.restore(params_dir.absolute(), args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    return config, params
 
 
+def _checkpointer():
+    """orbax's PyTree checkpointer, writing numpy arrays as they are: its default deep-copies each
+    (against a training loop changing them during an asynchronous save), a second copy of every
+    weight that a conversion, which waits for the save, does not need. Uncompressed: zstd costs
+    more time than the disk saves on weights (it takes a fifth off bfloat16 ones at half the speed)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry,
+                                                         use_compression=False))

@@ -1,0 +1,99 @@
+"""The JAX trainer's checkpoints: an orbax CheckpointManager in RUN_DIR/checkpoints/.
+
+One directory per step (`checkpoints/<step>/`) holds three items:
+    params/     the float32 master params, the tree `convert.save_jax` writes, so `hammer convert`,
+                `hammer eval --model` and `hammer generate --model` read a step (or the run
+                directory: its newest step) with the model's config.json from the run directory
+    opt_state/  the optax state and the step count
+    meta/       JSON: step, loader state, seed, the data and tokenizer fingerprint
+Saves are asynchronous (the next steps run while a save writes) and orbax keeps the newest
+`keep_checkpoints`. On resume the newest readable step is restored, each array straight into its
+shard of the current mesh, which may differ from the one that saved it. An unreadable step is
+reported by path, moved to RUN_DIR/checkpoints-unreadable/ (kept, never deleted; a later save may
+then reuse its step) and the one before it is tried; when none is readable the run stops with an
+error rather than start again from step 0.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from hammer.errors import HammerError
+from hammer.run import CHECKPOINTS_DIR
+from hammer_jax.train_step import TrainState
+
+UNREADABLE_DIR = "checkpoints-unreadable"
+
+
+class CheckpointError(HammerError):
+    """A run directory whose checkpoints cannot be resumed."""
+
+
+class TrainCheckpoints:
+    def __init__(self, run_dir: str | Path, keep: int):
+        self.run_dir = Path(run_dir).absolute()
+        self.directory = self.run_dir / CHECKPOINTS_DIR
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               cleanup_tmp_directories=True,
+                                               enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(self, state: TrainState, meta: dict[str, Any]) -> None:
+        """Starts an asynchronous save of `state` at its step (`meta["step"]`)."""
+        self.manager.save(meta["step"], args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            opt_state=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, abstract: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
+        """(state, meta) of the newest readable checkpoint, each array placed as `abstract`'s
+        sharding says; None when there is no checkpoint at all."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            path = self.directory / str(step)
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract.params),
+                    opt_state=ocp.args.StandardRestore({"step": abstract.step,
+                                                        "opt_state": abstract.opt_state}),
+                    meta=ocp.args.JsonRestore()))
+            except Exception as e:  # orbax raises many types for a damaged directory
+                self._set_aside(step, path, e)
+                continue
+            state = TrainState(step=restored.opt_state["step"], params=restored.params,
+                               opt_state=restored.opt_state["opt_state"])
+            return state, dict(restored.meta)
+        if steps:
+            raise CheckpointError(f"no checkpoint in {self.directory} is readable (steps "
+                                  f"{sorted(steps)}, moved to {self.run_dir / UNREADABLE_DIR}); "
+                                  f"not restarting from step 0: restore one, or use a new output")
+        return None
+
+    def _set_aside(self, step: int, path: Path, error: Exception) -> None:
+        aside = self.run_dir / UNREADABLE_DIR / str(step)
+        copies = 1
+        while aside.exists():  # the same step set aside before: keep both
+            aside, copies = aside.with_name(f"{step}.{copies}"), copies + 1
+        reason = (str(error).strip().splitlines() or [""])[0]
+        warnings.warn(f"checkpoint {path} is unreadable ({type(error).__name__}: {reason}); "
+                      f"moved to {aside}, trying the previous one", stacklevel=3)
+        aside.parent.mkdir(exist_ok=True)
+        path.rename(aside)
+        self.manager.reload()
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def abstract_state(state_shardings: TrainState, shapes: TrainState) -> TrainState:
+    """Restore targets: each leaf's shape and dtype from `shapes`, its sharding from
+    `state_shardings`."""
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                        shapes, state_shardings)

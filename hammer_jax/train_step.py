@@ -1,0 +1,105 @@
+"""The jitted training step over plain pytrees, and the evaluation step beside it.
+
+The state is float32 master params (the nested dict `convert` reads), the optax state and the step
+count; the model's structure (`graphdef`, which carries the compute dtype, remat policy and
+attention kernel) stays outside and is merged with the params inside the loss. One optimizer step
+takes the global batch [batch_size, seq], splits it into `grad_accum` micro-batches and scans
+over them, summing float32 gradients, so the loss and the update are those of the whole batch
+whatever the split. Micro-batch a holds rows a, a + A, a + 2A..., so that each device's rows stay
+on it. The state is donated: the update is written over the old state.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hammer_jax.loss import nll_sum
+
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both data-parallel mesh axes
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates done
+    params: Any  # nested dict of float32 arrays, hammer_jax's param layout
+    opt_state: Any
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES, None))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def state_shardings(param_shardings, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """Each optimizer moment sharded as its parameter; counts and other scalars replicated."""
+    replicated = NamedSharding(mesh, P())
+    abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct((), jnp.float32), param_shardings)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt, param_shardings,
+                                transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=param_shardings, opt_state=opt)
+
+
+def init_state(params, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+    """The state of a fresh run from (already placed) params."""
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return TrainState(step=step, params=params, opt_state=opt_state)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    schedule: Callable, shardings: TrainState, mesh: Mesh, *, grad_accum: int,
+                    loss_chunk: int) -> Callable:
+    """jit(state, batch [B, S] int32) -> (state, {"loss", "grad_norm", "lr"}); donates the state."""
+    shards = batch_shards(mesh)
+    micro_sharding = NamedSharding(mesh, P(None, BATCH_AXES, None))
+
+    def loss_fn(params, ids, tokens):
+        total, _ = nll_sum(nnx.merge(graphdef, params), ids, loss_chunk, shards)
+        return total / tokens
+
+    def step(state: TrainState, batch):
+        rows, seq = batch.shape
+        tokens = rows * (seq - 1)  # every position of every block but its last predicts one
+        micro = batch.reshape(rows // grad_accum, grad_accum, seq).swapaxes(0, 1)
+        micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
+        grad_fn = jax.value_and_grad(loss_fn)
+
+        def accumulate(carry, ids):
+            loss, grads = carry
+            micro_loss, micro_grads = grad_fn(state.params, ids, tokens)
+            grads = jax.tree.map(jnp.add, grads, micro_grads)
+            return (loss + micro_loss, jax.lax.with_sharding_constraint(grads, shardings.params)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+                   out_shardings=(shardings, replicated), donate_argnums=0)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, param_shardings, mesh: Mesh, *, loss_chunk: int
+                   ) -> Callable:
+    """jit(params, batch [B, S]) -> the float32 sum of the batch's next-token NLL."""
+    shards = batch_shards(mesh)
+
+    def evaluate(params, batch):
+        return nll_sum(nnx.merge(graphdef, params), batch, loss_chunk, shards)[0]
+
+    return jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding(mesh)),
+                   out_shardings=NamedSharding(mesh, P()))
