@@ -20,7 +20,7 @@ from flax import nnx
 
 from hammer.config import ModelConfig
 
-ATTENTION_IMPLS = ("xla", "cudnn", "reference")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "reference")
 # What a decoder layer keeps for backward under activation checkpointing: "dots" keeps the
 # projections' matmul outputs (recomputing norms, RoPE, softmax, SiLU), "full" keeps only the
 # layer's input and recomputes the whole layer.
@@ -53,7 +53,10 @@ def _embedding_init(config: ModelConfig) -> nnx.Initializer:
 
 
 def default_attention_impl(dtype) -> str:
-    """cuDNN flash attention on GPUs, which runs only half-precision inputs; XLA elsewhere."""
+    """Splash attention (Pallas) on TPUs; cuDNN flash attention on GPUs, which runs only
+    half-precision inputs; XLA elsewhere."""
+    if jax.default_backend() == "tpu":
+        return "splash"
     if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     return "xla"
@@ -64,6 +67,11 @@ def attention(q, k, v, mask, impl: str):
     share K/V without copies. mask [t, s] (True = attend) or None for causal with t == s."""
     if impl == "reference":
         return reference_attention(q, k, v, mask)
+    if impl == "splash" and mask is None:
+        from hammer_jax.splash import splash_attention  # Pallas is imported only when used
+
+        # Per shard of the mesh set with jax.set_mesh; Pallas interprets the kernel off TPU.
+        return splash_attention(q, k, v, interpret=jax.default_backend() != "tpu")
     if mask is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
     # cuDNN takes no arbitrary mask; decoding against a cache is memory-bound, so XLA loses little.

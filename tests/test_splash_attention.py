@@ -94,3 +94,17 @@ def test_cross_attention_is_refused():
     kv = jnp.zeros((1, 256, 2, 64))
     with pytest.raises(HammerError, match="q has 128 positions, k/v 256"):
         splash_attention(q, kv, kv, interpret=True)
+
+
+@pytest.mark.slow
+def test_the_llama_with_splash_attention_computes_the_logits_of_xla_attention():
+    from flax import nnx
+
+    from hammer.config import ModelConfig
+    from hammer_jax.model import Llama
+
+    config = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2,
+                         num_heads=4, num_kv_heads=2, max_position_embeddings=130)
+    ids = jax.random.randint(jax.random.key(0), (2, 130), 0, config.vocab_size)
+    logits = {impl: Llama(config, rngs=nnx.Rngs(0), attention_impl=impl)(ids) for impl in ("xla", "splash")}
+    assert float(jnp.abs(logits["splash"] - logits["xla"]).max()) < TOLERANCE
