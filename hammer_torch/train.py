@@ -20,6 +20,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -89,6 +90,8 @@ def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture
                     process_index=rank, process_count=world)
     if resumed:
         loader.restore(LoaderState.from_dict(resumed.loader))
+        if rank == 0:
+            print(f"resuming {run_dir} from step {step}", file=sys.stderr)
     tokenizer = _tokenizer(config) if rank == 0 else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
     tokens_per_step = config.batch_size * mixture.block_size
@@ -97,7 +100,8 @@ def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture
                       config.peak_flops)
 
     metrics = MetricsLog(run_dir, step, tensorboard=config.tensorboard) if rank == 0 else None
-    progress = tqdm(total=config.steps, initial=step, disable=rank != 0, unit="step")
+    progress = tqdm(total=config.steps, initial=step, disable=rank != 0, desc="train", unit="step",
+                    file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -142,12 +146,12 @@ def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture
                           "step_time": elapsed / window_steps,
                           "mfu": mfu(flops_per_token, tokens_per_s, world, peak)}
                 if device.type == "cuda":
-                    record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+                    record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if metrics is not None:
                     metrics.write(record)
                     progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                 window_loss, window_steps = 0.0, 0
-            if validation and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+            if validation and config.eval_every and step % config.eval_every == 0:
                 domains = _evaluate(loss_module, validation, config, autocast, device)
                 if metrics is not None:
                     metrics.write({"step": step, "kind": "eval", "domains": domains})
@@ -156,6 +160,9 @@ def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture
                     step, tokens, loader.state.to_dict()), model, optimizer, scheduler,
                     config.keep_checkpoints, tokenizer)
             if stop:
+                if rank == 0:
+                    print(f"SIGTERM: saved step {step} in {checkpoints}; rerun the same command to "
+                          f"resume", file=sys.stderr)
                 break
             if not window_steps:  # a new logging window starts after the eval and the save
                 window_start = time.perf_counter()

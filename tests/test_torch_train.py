@@ -174,7 +174,7 @@ def test_ddp_averages_the_gradients_of_the_loss_module_and_zero1_splits_the_opti
 def test_two_processes_under_torchrun_give_the_losses_of_one_with_the_same_global_batch(
         inputs, uninterrupted, tmp_path):
     config, single = uninterrupted
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "hammer", "train", "--config", str(config), f"output={tmp_path / 'run'}"]
     result = subprocess.run(command, cwd=REPO, env=train_env(), capture_output=True, text=True,
                             timeout=600)
