@@ -2,18 +2,22 @@
 
 safetensors is read with numpy (bfloat16 as ml_dtypes.bfloat16), so torch is imported only
 for pytorch_model.bin, and then with `weights_only=True`: a checkpoint is data, never code.
+`open_hf` reads a safetensors tensor only when it is used and `save_hf` writes one at a time, so a
+conversion streams: it never holds every weight twice (`bench/convert_throughput.py` measures it).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from functools import partial
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
 
+from convert.lazy import LazyTensor
 from convert.mapping import ConvertError
 from hammer.config import ModelConfig
 from hammer.fsio import atomic_directory
@@ -25,7 +29,11 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 # Prefixes torch.compile and DistributedDataParallel put in front of every state-dict name.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 GENERATION_FILE = "generation_config.json"
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+          "float16": np.dtype(np.float16)}
+# The safetensors header's dtype codes of the float types a checkpoint's weights may have.
+SAFETENSORS_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
+                      "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
 MAX_SHARD_BYTES = 5 * 2**30
 
 
@@ -35,13 +43,21 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
 
 def load_hf(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """config.json and every tensor of an HF directory, wrapper prefixes stripped."""
+    config, tensors = open_hf(path)
+    return config, {name: np.asarray(x) for name, x in tensors.items()}
+
+
+def open_hf(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, LazyTensor | np.ndarray]]:
+    """`load_hf` with each safetensors tensor read from disk only when used (`np.asarray`), and
+    then alone (pread, not a memory map whose pages would stay resident); pytorch_model.bin is
+    read whole."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no model directory at {path}")
     config = ModelConfig.from_hf(path)
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict[str, LazyTensor | np.ndarray] = {}
     for file in _weight_files(path):
-        for name, array in _read(file).items():
+        for name, array in _open(file).items():
             name = strip_wrapper_prefixes(name)
             if name in tensors:
                 raise ConvertError(f"tensor {name} appears twice in {path}")
@@ -59,18 +75,19 @@ def strip_wrapper_prefixes(name: str) -> str:
     return name
 
 
-def save_hf(dst: str | os.PathLike, config: ModelConfig, tensors: Mapping[str, np.ndarray], *,
+def save_hf(dst: str | os.PathLike, config: ModelConfig, tensors: Mapping[str, Any], *,
             tokenizer: Any = None, dtype: str | None = None,
             generation_config: Mapping[str, Any] | None = None,
             max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Writes an HF directory that `AutoModelForCausalLM.from_pretrained` loads: config.json,
     generation_config.json (the given one, else derived from the config), safetensors (sharded past
     `max_shard_bytes`, with the index) and, given a tokenizer (anything with
-    `save_pretrained(dir)`), its files. Atomic: all or nothing."""
+    `save_pretrained(dir)`), its files. Tensors may be lazy; each is made when it is written.
+    config.json's torch_dtype is the weights' one dtype, absent when they mix dtypes (transformers
+    then takes each tensor's own). Atomic: all or nothing."""
     tensors = cast(tensors, dtype)
-    dtype_name = dtype or _dtype_name(tensors)
     with atomic_directory(dst) as tmp:
-        config.save(tmp, dtype=dtype_name)
+        config.save(tmp, dtype=dtype_label(tensors.values()))
         if generation_config is None:
             generation_config = {"_from_model_config": True, "bos_token_id": config.bos_token_id,
                                  "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
@@ -100,16 +117,26 @@ def write_generation_config(directory: Path, generation: Mapping[str, Any]) -> N
     (directory / GENERATION_FILE).write_text(json.dumps(dict(generation), indent=2) + "\n")
 
 
-def cast(tensors: Mapping[str, np.ndarray], dtype: str | None) -> dict[str, np.ndarray]:
+def cast(tensors: Mapping[str, Any], dtype: str | None) -> dict[str, Any]:
+    """The tensors in `dtype` (None: as they are), each cast only when it is used."""
     if dtype is None:
         return dict(tensors)
-    return {name: to_dtype(x, dtype) for name, x in tensors.items()}
+    if dtype not in DTYPES:
+        raise ConvertError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return {name: LazyTensor(x.shape, DTYPES[dtype], partial(to_dtype, x, dtype))
+            for name, x in tensors.items()}
 
 
 def to_dtype(x, dtype: str) -> np.ndarray:
     if dtype not in DTYPES:
         raise ConvertError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     return np.asarray(x).astype(DTYPES[dtype], copy=False)
+
+
+def dtype_label(arrays: Iterable[Any]) -> str | None:
+    """config.json's torch_dtype for these weights: their one dtype's name, None when they mix."""
+    names = {np.dtype(x.dtype).name for x in arrays}
+    return names.pop() if len(names) == 1 else None
 
 
 class TokenizerFiles:
@@ -147,17 +174,35 @@ def _weight_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"no weights in {path}: expected one of {', '.join(WEIGHT_FILES)}")
 
 
-def _read(file: Path) -> dict[str, np.ndarray]:
-    """name -> array of one weight file; a file that is not one fails naming it."""
-    if file.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
+def _open(file: Path) -> dict[str, LazyTensor | np.ndarray]:
+    """name -> array of one weight file, lazy for safetensors; a file that is not one fails naming it."""
+    if file.suffix != ".safetensors":
+        return _read_torch_bin(file)
+    from safetensors import SafetensorError, safe_open
 
-        try:
-            with safe_open(file, framework="numpy") as f:
-                return {name: f.get_tensor(name) for name in f.keys()}
-        except SafetensorError as e:
-            raise ConvertError(f"{file} is not a readable safetensors file: {e}") from None
-    return _read_torch_bin(file)
+    out = {}
+    try:
+        with safe_open(file, framework="numpy") as f:
+            for name in f.keys():
+                info = f.get_slice(name)
+                if info.get_dtype() not in SAFETENSORS_DTYPES:
+                    raise ConvertError(f"tensor {name} in {file} has dtype {info.get_dtype()}, expected "
+                                       f"one of {', '.join(SAFETENSORS_DTYPES)}")
+                out[name] = LazyTensor(info.get_shape(), SAFETENSORS_DTYPES[info.get_dtype()],
+                                       partial(_read_tensor, file, name))
+    except SafetensorError as e:
+        raise ConvertError(f"{file} is not a readable safetensors file: {e}") from None
+    return out
+
+
+def _read_tensor(file: Path, name: str) -> np.ndarray:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="numpy", backend="pread") as f:
+            return f.get_tensor(name)
+    except SafetensorError as e:
+        raise ConvertError(f"{file} is not a readable safetensors file: {e}") from None
 
 
 def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
@@ -194,31 +239,46 @@ def torch_to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
-def _write_safetensors(dst: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:
-    from safetensors.numpy import save_file
-
-    shards: list[dict[str, np.ndarray]] = [{}]
+def _write_safetensors(dst: Path, tensors: Mapping[str, Any], max_shard_bytes: int) -> None:
+    shards: list[dict[str, Any]] = [{}]
     size = 0
     for name, x in tensors.items():
         if shards[-1] and size + x.nbytes > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][name] = np.ascontiguousarray(x)
+        shards[-1][name] = x
         size += x.nbytes
-    metadata = {"format": "pt"}  # transformers refuses safetensors without it
     if len(shards) == 1:
-        save_file(shards[0], dst / "model.safetensors", metadata=metadata)
+        _write_safetensors_file(dst / "model.safetensors", shards[0])
         return
     weight_map = {}
     for k, shard in enumerate(shards, 1):
         file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, dst / file, metadata=metadata)
+        _write_safetensors_file(dst / file, shard)
         weight_map.update(dict.fromkeys(shard, file))
     index = {"metadata": {"total_size": sum(x.nbytes for x in tensors.values())},
              "weight_map": weight_map}
     (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _dtype_name(tensors: Mapping[str, np.ndarray]) -> str:
-    names = {name for name, dt in DTYPES.items() for x in tensors.values() if x.dtype == dt}
-    return names.pop() if len(names) == 1 else "float32"
+def _write_safetensors_file(file: Path, tensors: Mapping[str, Any]) -> None:
+    """One safetensors file, a tensor at a time: safetensors' own writer takes every tensor at once,
+    which for a lazy source would hold the whole model. The format is a little-endian u64 header
+    length, the JSON header (names, dtype codes, shapes, byte offsets) padded to 8 bytes, the data."""
+    codes = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}  # transformers refuses files without it
+    offset = 0
+    for name, x in tensors.items():
+        if np.dtype(x.dtype) not in codes:
+            raise ConvertError(f"tensor {name} has dtype {x.dtype}, which safetensors weights are not "
+                               f"written in (expected one of {sorted(d.name for d in codes)})")
+        header[name] = {"dtype": codes[np.dtype(x.dtype)], "shape": list(x.shape),
+                        "data_offsets": [offset, offset + x.nbytes]}
+        offset += x.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(file, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for x in tensors.values():
+            f.write(np.ascontiguousarray(x).reshape(-1).view(np.uint8).data)

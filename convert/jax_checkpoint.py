@@ -78,9 +78,10 @@ def load_jax(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
     if not params_dir.is_dir():
         raise FileNotFoundError(f"no orbax checkpoint at {params_dir}")
     with _checkpointer() as checkpointer:
-        saved = checkpointer.metadata(params_dir.absolute()).tree
+        metadata = checkpointer.metadata(params_dir.absolute()).item_metadata
+        saved = None if metadata is None else metadata.tree
         if not isinstance(saved, Mapping):
-            raise ConvertError(f"{params_dir} holds a {type(saved).__name__}, not a param tree")
+            raise ConvertError(f"{params_dir} holds no param tree that orbax can read")
         # Every leaf as numpy, however it was saved (a trainer saves jax.Arrays): straight from
         # the file into host memory, never through a jax.Array on a device.
         as_numpy = map_leaves(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Mapping
 
 import numpy as np
 
+from convert.lazy import LazyTensor
 from hammer.config import ModelConfig
 from hammer.errors import HammerError
 
@@ -49,12 +51,14 @@ class Tensor:
     jax_shape: tuple[int, ...]
     transpose: bool
 
-    def to_jax(self, x: np.ndarray) -> np.ndarray:
+    def to_jax(self, x) -> np.ndarray:
         _check_shape(self.hf, x, self.hf_shape)
+        x = np.asarray(x)
         return np.ascontiguousarray((x.T if self.transpose else x).reshape(self.jax_shape))
 
-    def to_hf(self, x: np.ndarray) -> np.ndarray:
+    def to_hf(self, x) -> np.ndarray:
         _check_shape(_dotted(self.jax), x, self.jax_shape)
+        x = np.asarray(x)
         if self.transpose:
             return np.ascontiguousarray(x.reshape(self.hf_shape[::-1]).T)
         return np.ascontiguousarray(x.reshape(self.hf_shape))
@@ -94,11 +98,12 @@ def check_hf(hf_tensors: Mapping[str, np.ndarray], config: ModelConfig) -> dict[
 def hf_to_jax(hf_tensors: Mapping[str, np.ndarray], config: ModelConfig,
               scan_layers: bool = False) -> dict[str, Any]:
     """HF name -> array to hammer_jax's nested param dict (`nnx.State.to_pure_dict()` layout).
-    With `scan_layers` each layer entry is stacked over a leading layer axis."""
+    With `scan_layers` each layer entry is stacked over a leading layer axis. Lazy tensors are
+    read one at a time, each dropped once its JAX array is made."""
     hf_tensors = check_hf(hf_tensors, config)
     params: dict[str, Any] = {}
     for t in tensors(config):
-        _set(params, t.jax, t.to_jax(np.asarray(hf_tensors[t.hf])))
+        _set(params, t.jax, t.to_jax(hf_tensors[t.hf]))
     return layer_layout(params, config, scan_layers)
 
 
@@ -131,8 +136,15 @@ def layer_layout(params: Mapping[str, Any], config: ModelConfig, stacked: bool) 
 
 def jax_to_hf(params: Mapping[str, Any], config: ModelConfig) -> dict[str, np.ndarray]:
     """hammer_jax's nested param dict, stacked or per-layer (keys int or str), to HF names."""
+    return {name: np.asarray(x) for name, x in jax_as_hf(params, config).items()}
+
+
+def jax_as_hf(params: Mapping[str, Any], config: ModelConfig) -> dict[str, LazyTensor]:
+    """`jax_to_hf` with each HF tensor made (reshaped, transposed) only when it is used, so a
+    writer holds the params and one HF tensor, not a second copy of every weight."""
     flat = dict(_flatten(layer_layout(params, config, stacked=False)))
-    return {t.hf: t.to_hf(np.asarray(flat[t.jax])) for t in tensors(config)}
+    return {t.hf: LazyTensor(t.hf_shape, flat[t.jax].dtype, partial(t.to_hf, flat[t.jax]))
+            for t in tensors(config)}
 
 
 def _drop_tied_head(hf_tensors: dict[str, np.ndarray], config: ModelConfig) -> None:
@@ -182,6 +194,11 @@ def _flatten(tree, prefix=()):
             yield from _flatten(value, prefix + (key,))
         else:
             yield prefix + (key,), value
+
+
+def leaves(tree) -> list:
+    """The leaves of nested dicts, in order."""
+    return [x for _, x in _flatten(tree)]
 
 
 def map_leaves(fn, *trees):

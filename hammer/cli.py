@@ -17,7 +17,7 @@ import sys
 from hammer.errors import HammerError
 
 COMMANDS = {
-    "convert": ("convert.cli", "convert checkpoints between HF, JAX and torch formats"),
+    "convert": ("hammer.commands.convert", "convert checkpoints between HF, JAX and torch formats"),
     "tokenizer": ("hammer.commands.tokenizer", "train, merge and judge SentencePiece tokenizers"),
     "data": ("hammer.commands.data", "prepare token shards and the demo corpus"),
     "train": ("hammer.commands.train", "pretrain a model on prepared token shards"),

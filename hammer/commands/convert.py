@@ -1,18 +1,22 @@
 """`hammer convert SRC DST --to FORMAT`: SRC's format (HF or hammer JAX) is detected.
 
-Every target is one writer taking HF-named tensors, so a new format is one entry in TARGETS.
+Every target is one writer taking HF-named tensors, so a new format is one entry in TARGETS. The
+tensors are lazy (`convert.open_checkpoint`): each writer reads, transforms and writes them one at
+a time, so a conversion holds at most one copy of the weights.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from convert import check_hf, hf_to_jax, read_checkpoint, save_hf, save_jax
-from convert.hf import DTYPES, TokenizerFiles, read_generation_config
+from convert import check_hf, hf_to_jax, open_checkpoint, save_hf, save_jax
+from convert.hf import DTYPES, TokenizerFiles, cast, read_generation_config
+from hammer.commands import examples
 
 
-def write_jax(dst, config, tensors, **options):
-    save_jax(dst, config, hf_to_jax(tensors, config), **options)
+def write_jax(dst, config, tensors, *, dtype=None, **options):
+    # Cast while each tensor is made, not after the whole tree exists in the source dtype.
+    save_jax(dst, config, hf_to_jax(cast(tensors, dtype), config), dtype=dtype, **options)
 
 
 def write_torch(dst, config, tensors, **options):
@@ -27,7 +31,10 @@ TARGETS = {"hf": save_hf, "jax": write_jax, "torch": write_torch}
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("convert", help="convert checkpoints between HF, JAX and torch formats",
-                              description=__doc__.splitlines()[0])
+                              description=__doc__.splitlines()[0], **examples(
+                                  "hammer convert path/to/hf-llama runs/jax --to jax",
+                                  "hammer convert runs/jax runs/hf --to hf --dtype bfloat16 --tokenizer path/to/tokenizer",
+                                  "hammer convert runs/jax runs/torch --to torch"))
     p.add_argument("src", type=Path, help="an HF model directory or a hammer JAX directory")
     p.add_argument("dst", type=Path, help="output directory (must not exist)")
     p.add_argument("--to", required=True, choices=sorted(TARGETS), help="output format")
@@ -41,7 +48,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.dst.exists():  # before reading what may be gigabytes
         raise FileExistsError(f"output {args.dst} already exists; choose a new path or remove it")
-    config, tensors = read_checkpoint(args.src)
+    config, tensors = open_checkpoint(args.src)
     tensors = check_hf(tensors, config)
     # A SentencePiece tokenizer is rewritten by hammer, whose HF files make transformers encode as
     # the model was trained; released Llama-format files alone make transformers 5 encode otherwise.
