@@ -186,20 +186,38 @@ def test_two_processes_under_torchrun_give_the_losses_of_one_with_the_same_globa
 
 
 @pytest.mark.slow
-def test_a_run_killed_after_a_checkpoint_resumes_to_the_losses_of_an_uninterrupted_run(
+def test_sigterm_saves_and_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_losses(
         inputs, uninterrupted, tmp_path):
+    """SIGTERM mid-run: exit 0 with a checkpoint of the step it stopped at. The same command then
+    resumes; SIGKILL after its next checkpoint; the same command again: every loss of the run equals
+    the uninterrupted run's, bitwise."""
     config, reference = uninterrupted
     run = tmp_path / "run"
+    checkpoints = run / "checkpoints"
+
     proc = start_train(config, f"output={run}", stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (run / "checkpoints" / "step_2").is_dir():
-        assert proc.poll() is None and time.time() < deadline, "no checkpoint was written"
-        time.sleep(0.05)
+    _wait_for(proc, lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0
+    stopped = max(train_losses(run))
+    assert stopped <= 3 and (checkpoints / f"step_{stopped}").is_dir()
+
+    proc = start_train(config, f"output={run}", stderr=subprocess.DEVNULL)
+    _wait_for(proc, lambda: any(int(p.name[5:]) > stopped for p in checkpoints.glob("step_*")))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     result = run_train(config, f"output={run}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert train_losses(run) == train_losses(reference)  # bitwise, every step after the resume too
+    assert "resuming" in result.stderr
+    assert train_losses(run) == train_losses(reference)
+
+
+def _wait_for(proc, condition, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, "the run ended before the awaited moment"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_with_a_warning(
