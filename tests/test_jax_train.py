@@ -1,0 +1,146 @@
+"""`hammer train` with the JAX backend, end to end on CPU: loss falls, a killed run resumes to the
+very same losses, SIGTERM saves, a corrupted checkpoint falls back to the previous one, a changed
+run is refused, bad configs leave nothing, and a checkpoint is a model the other commands read."""
+import json
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from hammer.cli import main
+from tests.train_fixtures import (run_train, start_train, tiny_inputs, train_losses,
+                                  write_train_config)
+
+STEPS = 12
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return tiny_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(inputs, tmp_path_factory):
+    """A 12-step run on 8 devices (mesh 1 x 4 x 2), checkpoints every 4 steps, eval every 4."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    config = write_train_config(root / "c.toml", inputs, root / "run", steps=STEPS,
+                                checkpoint_every=4, eval_every=4, mesh={"fsdp": -1, "tensor": 2})
+    result = run_train(config, devices=8)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return config, root / "run", result
+
+
+def test_loss_falls_and_every_record_is_written(uninterrupted):
+    _, run, result = uninterrupted
+    losses = train_losses(run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses[STEPS] < losses[1] - 1.0, losses  # measured 5.58 -> 3.6
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert train[0]["lr"] == 0.0  # the first update uses lr(0)
+    assert train[0]["tokens"] == 8 * 32 and train[-1]["tokens"] == STEPS * 8 * 32
+    for key in ("grad_norm", "tokens_per_s", "tokens_per_s_per_device", "step_time"):
+        assert all(r[key] > 0 for r in train), key
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [4, 8, 12]
+    assert evals[-1]["domains"]["valid"]["loss"] < evals[0]["domains"]["valid"]["loss"]
+    assert evals[0]["domains"]["valid"]["ppl"] == pytest.approx(np.exp(evals[0]["domains"]["valid"]["loss"]))
+    assert "replicated" in result.stderr and "vocab 259 over tensor 2" in result.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["12", "4", "8"]
+
+
+def test_a_checkpoint_is_a_model_convert_and_jax_read(uninterrupted, tmp_path):
+    import convert
+    import hammer_jax
+
+    _, run, _ = uninterrupted
+    config, tensors = convert.read_checkpoint(run)  # the run directory: its newest step
+    assert config.vocab_size == 259 and "lm_head.weight" in tensors
+    model = hammer_jax.from_pretrained(run / "checkpoints" / "8")
+    logits = model(np.array([[1, 5, 7]], np.int32))
+    assert logits.shape == (1, 3, 259)
+    assert main(["convert", str(run), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    _, exported = convert.load_hf(tmp_path / "hf")
+    np.testing.assert_array_equal(exported["lm_head.weight"], tensors["lm_head.weight"])
+
+
+def test_a_killed_run_resumes_to_the_same_losses_bitwise(uninterrupted, tmp_path):
+    config, run, _ = uninterrupted
+    killed = tmp_path / "run"
+    proc = start_train(config, f"output={killed}", devices=8, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "4" / "commit_success.txt").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    result = run_train(config, f"output={killed}", devices=8)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stderr
+    expected, resumed = train_losses(run), train_losses(killed)
+    assert sorted(resumed) == list(range(1, STEPS + 1))  # one clean curve
+    assert {s: resumed[s] for s in range(5, STEPS + 1)} == {s: expected[s] for s in range(5, STEPS + 1)}
+
+
+def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(uninterrupted, tmp_path):
+    config, run, _ = uninterrupted
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for f in (copy / "checkpoints" / "12" / "params").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    result = run_train(config, f"output={copy}", devices=8)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint" in result.stderr and "12 is unreadable" in result.stderr
+    assert "from step 8" in result.stderr
+    assert train_losses(copy) == train_losses(run)  # steps 9..12 again, bit for bit
+    assert (copy / "checkpoints-unreadable" / "12").is_dir()  # set aside, not deleted
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0(inputs, tmp_path):
+    run = tmp_path / "run"
+    config = write_train_config(tmp_path / "c.toml", inputs, run, steps=100_000,
+                                checkpoint_every=100_000)
+    proc = start_train(config, devices=1)
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    saved = [int(p.name) for p in (run / "checkpoints").iterdir()]
+    assert len(saved) == 1 and saved[0] >= 1 and saved[0] == max(train_losses(run))
+
+
+def test_a_changed_run_is_refused_naming_the_key(uninterrupted):
+    config, run, _ = uninterrupted
+    before = (run / "metrics.jsonl").read_text()
+    result = run_train(config, "lr=0.001", devices=8)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "lr" in result.stderr
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("override, expected", [
+    (["lrr=0.1"], "did you mean lr"),
+    (["batch_size=7", "grad_accum=2"], "batch_size"),  # no 2 equal micro-batches of 7
+    (["mesh.data=2"], "mesh"),
+    (["data=/nonexistent/data"], "/nonexistent/data"),
+    (["eval_batch_size=1000"], "eval_batch_size"),
+    (["grad_accum=3"], "grad_accum"),
+    (["attention_impl=flash_attn"], "attention_impl"),
+    (["init=/nonexistent/model"], "init"),
+])
+def test_every_bad_config_is_one_line_and_leaves_no_run_directory(inputs, tmp_path, capsys,
+                                                                  override, expected):
+    run = tmp_path / "run"
+    config = write_train_config(tmp_path / "c.toml", inputs, run)
+    assert main(["train", "--config", str(config), *override]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err
+    assert not run.exists()
