@@ -262,3 +262,20 @@ def test_auto_attention_checks_the_gpu_generation_and_warns_when_it_falls_back_t
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert attention.unavailable_reason("sdpa", cuda, torch.bfloat16, 128) is None
     assert "multiple of 8 up to 256" in attention.unavailable_reason("sdpa", cuda, torch.bfloat16, 320)
+
+
+def test_full_remat_recomputes_the_blocks_and_changes_no_loss(inputs, tmp_path):
+    """remat = full wraps each block in activation checkpointing; the checkpoint's names stay HF's."""
+    import convert
+    from hammer_torch.train import train
+
+    losses, weights = {}, {}
+    for remat in ("none", "full"):
+        run = tmp_path / remat
+        train(from_dict(train_settings(inputs, run, backend="torch", remat=remat, steps=2,
+                                       validation={})))
+        losses[remat] = train_losses(run)
+        weights[remat] = convert.read_checkpoint(run / "checkpoints" / "step_2")[1]
+    assert losses["full"] == pytest.approx(losses["none"], rel=1e-6)
+    for name, value in weights["none"].items():
+        assert relative(weights["full"][name], value) <= 1e-6, name
