@@ -13,12 +13,13 @@ on every rank, so clipping at their global norm needs no communication; ZeRO-1
 (`ZeroRedundancyOptimizer`) keeps on each rank only its part of AdamW's state, updates those
 parameters and broadcasts them. Master weights and optimizer state are float32; `dtype = "bfloat16"`
 runs forward under autocast, as HF Trainer's `--bf16` did (BUILD.md, "Mixed precision").
+The step itself is `hammer_torch.train_step`; this module is the loop around it: data, resume, logs,
+evaluation, checkpoints (`hammer_torch.train_checkpoint`), SIGTERM.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import sys
 import time
@@ -28,21 +29,17 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.optim import ZeroRedundancyOptimizer
-from torch.nn.parallel import DistributedDataParallel
-from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from hammer import schedule
 from hammer.config import ConfigError, ModelConfig
 from hammer.data.loader import Loader, LoaderState, eval_batches, mixture_from_specs, validation_sets
 from hammer.metrics import MetricsLog, check_finite, mfu, peak_flops
 from hammer.run import CHECKPOINTS_DIR, data_fingerprint, open_run
 from hammer.train_config import TrainConfig
-from hammer_torch import train_checkpoint
+from hammer_torch import train_checkpoint, train_step
 from hammer_torch.checkpoint import from_tensors
 from hammer_torch.loss import CausalLMLoss
-from hammer_torch.model import Block, Llama
+from hammer_torch.model import Llama
 
 
 def train(config: TrainConfig) -> Path:
@@ -55,7 +52,7 @@ def train(config: TrainConfig) -> Path:
     model_config = config.model_config()
     mixture = mixture_from_specs(config.data)
     validation = validation_sets(config.validation) if config.validation else {}
-    with _process_group() as device:
+    with train_step.process_group() as device:
         rank, world = dist.get_rank(), dist.get_world_size()
         config.mesh.resolve(world)  # any data x fsdp sizes that multiply to the world size
         if config.batch_size % (world * config.grad_accum):
@@ -74,13 +71,8 @@ def train(config: TrainConfig) -> Path:
 def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture, validation,
            run_dir: Path, device: torch.device) -> Path:
     rank, world = dist.get_rank(), dist.get_world_size()
-    model.to(device)
-    loss_module = _compiled(CausalLMLoss(model, config.loss_chunk), config, device)
-    ddp = DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda" else None)
-    optimizer = _optimizer(model, config, device)
-    lr_at = schedule.from_config(config)
-    # LambdaLR multiplies the base lr: update k uses lr(k), the first update lr(0), as HF's did.
-    scheduler = LambdaLR(optimizer, lambda k: lr_at(k) / config.lr)
+    step_fn = train_step.build(config, model, device)
+    optimizer, scheduler = step_fn.optimizer, step_fn.scheduler
 
     checkpoints = run_dir / CHECKPOINTS_DIR
     resumed = train_checkpoint.restore(checkpoints, model_config, model, optimizer, scheduler)
@@ -93,7 +85,6 @@ def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture
         if rank == 0:
             print(f"resuming {run_dir} from step {step}", file=sys.stderr)
     tokenizer = _tokenizer(config) if rank == 0 else None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
     tokens_per_step = config.batch_size * mixture.block_size
     flops_per_token = model_config.flops_per_token(mixture.block_size)
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -111,26 +102,13 @@ def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture
         closing.callback(progress.close)
         while step < config.steps:
             rows = torch.from_numpy(next(loader).astype(np.int64)).to(device)
-            micro_batches = rows.chunk(config.grad_accum)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for i, ids in enumerate(micro_batches):
-                sync = i == len(micro_batches) - 1  # all-reduce only once, after the last backward
-                with contextlib.nullcontext() if sync else ddp.no_sync():
-                    with autocast:
-                        loss = ddp(ids)
-                    (loss / config.grad_accum).backward()
-                loss_sum += loss.detach().double()
-            grad_norm = torch.nn.utils.clip_grad_norm_(ddp.parameters(), config.max_grad_norm or math.inf)
+            rank_loss, grad_norm, lr = step_fn(rows)
             # One all-reduce: the step's mean loss over every rank and whether any rank got SIGTERM.
-            shared = torch.stack([loss_sum / config.grad_accum,
-                                  torch.tensor(float(sigterm()), dtype=torch.float64, device=device)])
+            shared = torch.stack([rank_loss, torch.tensor(float(sigterm()), dtype=torch.float64,
+                                                           device=device)])
             dist.all_reduce(shared)
             step_loss, stop = shared[0].item() / world, shared[1].item() > 0
             check_finite(step + 1, loss=step_loss, grad_norm=grad_norm.item())
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step, tokens = step + 1, tokens + tokens_per_step
             window_loss, window_steps = window_loss + step_loss, window_steps + 1
             progress.update()
@@ -152,7 +130,7 @@ def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture
                     progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                 window_loss, window_steps = 0.0, 0
             if validation and config.eval_every and step % config.eval_every == 0:
-                domains = _evaluate(loss_module, validation, config, autocast, device)
+                domains = _evaluate(step_fn.loss_module, validation, config, step_fn.autocast, device)
                 if metrics is not None:
                     metrics.write({"step": step, "kind": "eval", "domains": domains})
             if step % config.checkpoint_every == 0 or step == config.steps or stop:
@@ -184,32 +162,6 @@ def _initial_model(config: TrainConfig, model_config: ModelConfig) -> Llama:
     model = from_tensors(model_config, convert.check_hf(tensors, model_config), torch.float32,
                          config.attention_impl)
     return model.train()
-
-
-def _compiled(loss_module: CausalLMLoss, config: TrainConfig, device: torch.device) -> CausalLMLoss:
-    """Activation checkpointing, then compilation, in place (state-dict keys stay HF's)."""
-    if config.remat == "full":
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-            apply_activation_checkpointing)
-
-        apply_activation_checkpointing(loss_module, check_fn=lambda m: isinstance(m, Block))
-    mode = config.compile if config.compile != "auto" else ("blocks" if device.type == "cuda" else "none")
-    if mode == "blocks":
-        loss_module.model.compile_blocks()
-    elif mode == "model":
-        loss_module.compile()
-    return loss_module
-
-
-def _optimizer(model: Llama, config: TrainConfig, device: torch.device) -> ZeroRedundancyOptimizer:
-    """AdamW, its state partitioned across ranks (ZeRO-1); HF Trainer's decay grouping: the norm
-    scales (every 1-d parameter of a Llama) are not decayed, matrices and embeddings are."""
-    params = dict(model.named_parameters())  # a tied head appears once
-    groups = [{"params": [p for p in params.values() if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0}]
-    return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=config.lr,
-                                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
-                                   fused=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -245,26 +197,6 @@ def _tokenizer(config: TrainConfig):
     from hammer.tokenizer import Tokenizer
 
     return Tokenizer.from_pretrained(config.tokenizer)
-
-
-@contextlib.contextmanager
-def _process_group() -> Iterator[torch.device]:
-    """torch.distributed from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR...), or a group
-    of one without torchrun: one code path, DDP and ZeRO-1 included, whatever the world size."""
-    cuda = torch.cuda.is_available()
-    backend = "nccl" if cuda else "gloo"
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if "RANK" in os.environ:
-        dist.init_process_group(backend, device_id=device if cuda else None)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield device
-    finally:
-        dist.destroy_process_group()
 
 
 @contextlib.contextmanager

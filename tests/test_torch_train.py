@@ -118,7 +118,7 @@ from hammer.config import ModelConfig
 from hammer.train_config import from_dict
 from hammer_torch.loss import CausalLMLoss
 from hammer_torch.model import Llama
-from hammer_torch.train import _optimizer
+from hammer_torch.train_step import _optimizer
 from tests.train_fixtures import MODEL
 
 rank, store = int(sys.argv[1]), sys.argv[2]
