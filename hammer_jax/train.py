@@ -207,7 +207,7 @@ def _write_model_files(run_dir: Path, model: ModelConfig, tokenizer) -> None:
     """config.json (float32, as the checkpoints' master weights) and the tokenizer files."""
     if not (run_dir / "config.json").is_file():
         model.save(run_dir, dtype="float32")
-    if tokenizer is not None:
+    if tokenizer is not None and not (run_dir / "tokenizer.model").is_file():  # a rerun keeps them
         tokenizer.save_pretrained(run_dir)
 
 
