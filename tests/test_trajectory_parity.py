@@ -87,8 +87,9 @@ def test_jax_and_torch_trainers_follow_one_trajectory_in_bfloat16(setup):
     autocast's float32; BUILD.md, "Mixed precision"), so they agree only as far as bfloat16 lets
     them. Measured on this setup: the per-step relative loss gap JAX-bf16 vs torch-bf16 is at most
     7.8e-5, the same size as each backend's own bf16-vs-float32 gap (6.2e-5 JAX, 3.9e-5 torch) and
-    30x the float32 parity gap (2.7e-6). The bound, 5e-4, is 6x the measured gap; a wrong update
-    rule (e.g. a missed clip or a step's lr off by one) moves these losses by > 1e-3."""
+    30x the float32 parity gap (2.7e-6). The bound, 5e-4, is 6x the measured gap and still catches
+    a wrong update rule: measured on the torch trainer in bfloat16, no clipping moves step 5's loss
+    by 2.2e-3, a warmup one step short by 5.4e-2, an lr 10% high by 2.4e-2."""
     jax_records, _ = _train("jax", setup, "jax-bf16", steps=5, dtype="bfloat16", checkpoint_every=5)
     torch_records, _ = _train("torch", setup, "torch-bf16", steps=5, dtype="bfloat16", checkpoint_every=5)
     gaps = [abs(j["loss"] - t["loss"]) / t["loss"] for j, t in zip(jax_records, torch_records)]
