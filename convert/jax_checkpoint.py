@@ -7,6 +7,7 @@ The JAX trainer's checkpoints read the same way: a step directory RUN/checkpoint
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -14,12 +15,13 @@ from typing import Any, Mapping
 import numpy as np
 
 from convert.hf import dtype_label, to_dtype, write_generation_config
-from convert.mapping import ConvertError, leaves, map_leaves
+from convert.mapping import ConvertError, _flatten, _set, leaves, map_leaves
 from hammer.config import ModelConfig
 from hammer.fsio import atomic_directory
 from hammer.run import CHECKPOINTS_DIR
 
 PARAMS_DIR = "params"
+RESTORE_GROUP_BYTES = 256 * 2**20
 
 
 def is_jax_dir(path: str | os.PathLike) -> bool:
@@ -82,18 +84,40 @@ def load_jax(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
         saved = None if metadata is None else metadata.tree
         if not isinstance(saved, Mapping):
             raise ConvertError(f"{params_dir} holds no param tree that orbax can read")
-        # Every leaf as numpy, however it was saved (a trainer saves jax.Arrays): straight from
-        # the file into host memory, never through a jax.Array on a device.
-        as_numpy = map_leaves(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
-        params = checkpointer.restore(params_dir.absolute(), args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+        params: dict[str, Any] = {}
+        for group in _groups(saved, RESTORE_GROUP_BYTES):
+            # Every leaf as numpy, however it was saved (a trainer saves jax.Arrays): straight
+            # from the file into host memory, never through a jax.Array on a device.
+            as_numpy = map_leaves(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), group)
+            restored = checkpointer.restore(params_dir.absolute(), args=ocp.args.PyTreeRestore(
+                item=group, restore_args=as_numpy, partial_restore=True))
+            for path, x in _flatten(restored):
+                _set(params, path, x)
     return config, params
+
+
+def _groups(tree: Mapping[str, Any], max_bytes: int) -> list[dict[str, Any]]:
+    """The tree's array metadata split into subtrees of about max_bytes each, in order. Restoring
+    a group at a time bounds tensorstore's read buffers, which a whole-tree restore holds for every
+    array at once (1.7x the weights at the peak instead of 1.1x)."""
+    groups: list[dict[str, Any]] = [{}]
+    size = 0
+    for path, leaf in _flatten(tree):
+        nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append({})
+            size = 0
+        _set(groups[-1], path, leaf)
+        size += nbytes
+    return groups
 
 
 def _checkpointer():
     """orbax's PyTree checkpointer, writing numpy arrays as they are: its default deep-copies each
     (against a training loop changing them during an asynchronous save), a second copy of every
     weight that a conversion, which waits for the save, does not need. Uncompressed: zstd costs
-    more time than the disk saves on weights (it takes a fifth off bfloat16 ones at half the speed)."""
+    more time than the disk saves on weights (it takes a fifth off bfloat16 ones at half the
+    speed)."""
     import jax
     import orbax.checkpoint as ocp
 

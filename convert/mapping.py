@@ -54,14 +54,27 @@ class Tensor:
     def to_jax(self, x) -> np.ndarray:
         _check_shape(self.hf, x, self.hf_shape)
         x = np.asarray(x)
-        return np.ascontiguousarray((x.T if self.transpose else x).reshape(self.jax_shape))
+        return np.ascontiguousarray((_transposed(x) if self.transpose else x).reshape(self.jax_shape))
 
     def to_hf(self, x) -> np.ndarray:
         _check_shape(_dotted(self.jax), x, self.jax_shape)
         x = np.asarray(x)
         if self.transpose:
-            return np.ascontiguousarray(x.reshape(self.hf_shape[::-1]).T)
+            return _transposed(x.reshape(self.hf_shape[::-1]))
         return np.ascontiguousarray(x.reshape(self.hf_shape))
+
+
+TILE = 256  # two 256 x 256 tiles of float32 fit in a core's L2 cache
+
+
+def _transposed(x: np.ndarray) -> np.ndarray:
+    """x.T, contiguous, copied a tile at a time: numpy's copy of a large transposed matrix misses
+    the cache on nearly every element and runs two to three times slower, most of a conversion."""
+    out = np.empty(x.shape[::-1], x.dtype)
+    for i in range(0, x.shape[0], TILE):
+        for j in range(0, x.shape[1], TILE):
+            out[j:j + TILE, i:i + TILE] = x[i:i + TILE, j:j + TILE].T
+    return out
 
 
 def tensors(config: ModelConfig) -> list[Tensor]:

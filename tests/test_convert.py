@@ -175,6 +175,35 @@ def test_dtype_option_writes_bfloat16_that_round_trips_and_reads_back_without_to
         np.testing.assert_array_equal(tensors[name], x.astype(ml_dtypes.bfloat16))
 
 
+def test_a_float16_checkpoint_is_labelled_float16_and_round_trips_bit_exact(small_hf, tmp_path):
+    assert hammer(small_hf.path, tmp_path / "f16", "--to", "hf", "--dtype", "float16") == 0
+    assert hammer(tmp_path / "f16", tmp_path / "jax", "--to", "jax") == 0
+    assert hammer(tmp_path / "jax", tmp_path / "back", "--to", "hf") == 0
+    for out in ("f16", "jax", "back"):
+        assert json.loads((tmp_path / out / "config.json").read_text())["torch_dtype"] == "float16", out
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype="auto").dtype == torch.float16
+    _, source = convert.load_hf(small_hf.path)
+    _, back = convert.load_hf(tmp_path / "back")
+    for name, x in source.items():
+        assert back[name].dtype == np.float16, name
+        assert np.array_equal(back[name].view(np.uint16), x.astype(np.float16).view(np.uint16)), name
+
+
+def test_a_checkpoint_of_mixed_dtypes_keeps_each_tensors_dtype_and_claims_none(small_hf, tmp_path):
+    _, source = convert.load_hf(small_hf.path)  # float32 norms, bfloat16 matrices, as some exporters do
+    mixed = {n: x if n.endswith("norm.weight") else x.astype(ml_dtypes.bfloat16) for n, x in source.items()}
+    copy_config(small_hf.path, tmp_path / "mixed")
+    save_file(mixed, tmp_path / "mixed" / "model.safetensors", metadata={"format": "pt"})
+    assert hammer(tmp_path / "mixed", tmp_path / "jax", "--to", "jax") == 0
+    assert hammer(tmp_path / "jax", tmp_path / "back", "--to", "hf") == 0
+    for out in ("jax", "back"):  # a float32 label would make transformers upcast the matrices
+        written = json.loads((tmp_path / out / "config.json").read_text())
+        assert "torch_dtype" not in written and "dtype" not in written, out
+    _, back = convert.load_hf(tmp_path / "back")
+    for name, x in mixed.items():
+        assert back[name].dtype == x.dtype and back[name].tobytes() == x.tobytes(), name
+
+
 def test_sharded_safetensors_are_read_and_written_with_an_index(small_hf, tmp_path):
     small_hf.model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
