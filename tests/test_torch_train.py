@@ -16,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from hammer.config import ConfigError  # noqa: E402
+from hammer.metrics import read_metrics  # noqa: E402
 from hammer.train_config import from_dict  # noqa: E402
 from tests.train_fixtures import (REPO, run_train, start_train, tiny_inputs, train_env,  # noqa: E402
                                   train_losses, train_settings, write_model_config,
@@ -36,9 +37,10 @@ def inputs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(inputs, tmp_path_factory):
-    """A 6-step single-process run, checkpoints every 2 steps: the reference of the resume tests."""
+    """A 6-step single-process run, checkpoints every 2 steps, evaluation every 3: the reference of
+    the resume tests."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    config = write_train_config(tmp / "c.toml", inputs, tmp / "run", backend="torch")
+    config = write_train_config(tmp / "c.toml", inputs, tmp / "run", backend="torch", eval_every=3)
     result = run_train(config)
     assert result.returncode == 0, result.stderr
     return config, tmp / "run"
@@ -184,6 +186,12 @@ def test_two_processes_under_torchrun_give_the_losses_of_one_with_the_same_globa
     assert one.keys() == two.keys() == set(range(1, 7))
     for step in one:
         assert abs(two[step] - one[step]) <= 1e-5 * abs(one[step]), step
+    # Evaluation splits each validation batch across the ranks and sums back: the same numbers.
+    evals = [[r for r in read_metrics(run) if r["kind"] == "eval"] for run in (single, tmp_path / "run")]
+    assert [r["step"] for r in evals[0]] == [r["step"] for r in evals[1]] == [3, 6]
+    for a, b in zip(*([e["domains"]["valid"] for e in run_evals] for run_evals in evals)):
+        assert a["tokens"] == b["tokens"] == 2 * 8 * 31  # eval_batches=2 of 8 blocks, 31 targets each
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"]
 
 
 @pytest.mark.slow
