@@ -1,0 +1,194 @@
+"""Training throughput: the JAX trainer's step (the code `hammer train` runs) against transformers'
+LlamaForCausalLM (SDPA, bf16 autocast, fused AdamW, torch.compile) in one run, on one device.
+
+    python bench/train_throughput.py                      # HammerLLM-1.4B, 8 x 2048, bf16, GPU
+    python bench/train_throughput.py --smoke --out /tmp   # configs/tiny.json, tiny shapes, CPU
+
+Each contender is one function `(args) -> row` (tokens/s, MFU, peak memory, compile time); the
+torch trainer's step is a third row beside them. JSON goes to bench/results/, a table to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hammer.config import ModelConfig  # noqa: E402
+from hammer.metrics import mfu, peak_flops  # noqa: E402
+
+
+def batches(args, vocab: int):
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, vocab, (args.batch, args.seq)).astype(np.int32)
+            for _ in range(args.warmup + args.steps)]
+
+
+def timed(step, data, warmup: int) -> tuple[float, float]:
+    """(compile + first steps seconds, seconds per step) of `step(batch)`, which must block."""
+    began = time.perf_counter()
+    for batch in data[:warmup]:
+        step(batch)
+    compile_s = time.perf_counter() - began
+    began = time.perf_counter()
+    for batch in data[warmup:]:
+        step(batch)
+    return compile_s, (time.perf_counter() - began) / (len(data) - warmup)
+
+
+def jax_trainer(args, config: ModelConfig) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from hammer.train_config import MeshConfig, TrainConfig
+    from hammer_jax.model import Llama
+    from hammer_jax.optimizer import learning_rate_schedule, make_optimizer
+    from hammer_jax.sharding import make_mesh, model_shardings
+    from hammer_jax.train_step import batch_sharding, init_state, make_train_step, state_shardings
+
+    train = TrainConfig(model=args.model, data=("-",), output="-", steps=1000, batch_size=args.batch,
+                        dtype=args.dtype, remat=args.remat, loss_chunk=args.loss_chunk,
+                        mesh=MeshConfig(data=1, fsdp=-1, tensor=1))
+    mesh = make_mesh(train.mesh)
+    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
+    make = lambda: Llama(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.float32,  # noqa: E731
+                         remat=args.remat, scan_layers=args.scan_layers)
+    abstract = nnx.eval_shape(make)
+    graphdef, _ = nnx.split(abstract)
+    param_shardings = nnx.to_pure_dict(model_shardings(abstract, mesh))
+    tx = make_optimizer(train)
+    shardings = state_shardings(param_shardings, tx, mesh)
+    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())), out_shardings=param_shardings)()
+    state = [init_state(params, tx, shardings)]
+    step_fn = make_train_step(graphdef, tx, learning_rate_schedule(train), shardings, mesh,
+                              grad_accum=1, loss_chunk=args.loss_chunk)
+
+    def step(batch):
+        state[0], metrics = step_fn(state[0], jax.device_put(batch, batch_sharding(mesh)))
+        float(metrics["loss"])
+
+    compile_s, step_s = timed(step, batches(args, config.vocab_size), args.warmup)
+    stats = jax.devices()[0].memory_stats() or {}
+    return row("jax trainer", args, config, jax.devices()[0].device_kind, compile_s, step_s,
+               stats.get("peak_bytes_in_use"))
+
+
+def transformers_reference(args, config: ModelConfig) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf = LlamaConfig(**{k: v for k, v in config.to_hf().items() if k not in ("architectures",)})
+    hf._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(hf).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, fused=device == "cuda")
+    compiled = torch.compile(model) if device == "cuda" else model
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+    def step(batch):
+        ids = torch.from_numpy(batch).long().to(device)
+        with autocast:
+            loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    compile_s, step_s = timed(step, batches(args, config.vocab_size), args.warmup)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    kind = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    return row("transformers (sdpa, autocast, fused adamw, compile)", args, config, kind,
+               compile_s, step_s, peak)
+
+
+def torch_trainer(args, config: ModelConfig) -> dict:
+    """The torch trainer's step (`hammer_torch.train_step`, what `hammer train --backend torch` runs):
+    DDP + ZeRO-1 over fused AdamW, bf16 autocast, chunked loss, flash/SDPA attention, per-block
+    compile on CUDA, in a process group of one."""
+    import torch
+
+    from hammer.train_config import TrainConfig
+    from hammer_torch import train_step
+    from hammer_torch.model import Llama
+
+    train = TrainConfig(model=args.model, data=("-",), output="-", steps=1000, batch_size=args.batch,
+                        backend="torch", dtype=args.dtype, loss_chunk=args.loss_chunk,
+                        remat="full" if args.remat == "full" else "none")
+    with train_step.process_group() as device:
+        torch.manual_seed(0)
+        step_fn = train_step.build(train, Llama(config), device)
+
+        def step(batch):
+            loss, _, _ = step_fn(torch.from_numpy(batch.astype(np.int64)).to(device))
+            loss.item()
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        compile_s, step_s = timed(step, batches(args, config.vocab_size), args.warmup)
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        kind = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    return row("torch trainer (ddp+zero1, autocast, compiled blocks)", args, config, kind,
+               compile_s, step_s, peak)
+
+
+CONTENDERS = [jax_trainer, transformers_reference, torch_trainer]
+
+
+def row(name, args, config: ModelConfig, kind: str, compile_s: float, step_s: float, peak_bytes) -> dict:
+    tokens_per_s = args.batch * args.seq / step_s
+    return {"contender": name, "device": kind, "tokens_per_s": tokens_per_s,
+            "mfu": mfu(config.flops_per_token(args.seq), tokens_per_s, 1, peak_flops(kind)),
+            "peak_memory_gib": None if peak_bytes is None else peak_bytes / 2**30,
+            "compile_s": compile_s, "step_s": step_s}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="configs/tiny.json, 2 x 64, float32, CPU")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--model", default=str(REPO / "configs" / "hammerllm-1.4b.json"))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--remat", default="none", choices=("none", "dots", "full"))
+    p.add_argument("--scan-layers", action="store_true")
+    p.add_argument("--loss-chunk", type=int, default=8192)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.batch, args.seq, args.dtype = str(REPO / "configs" / "tiny.json"), 2, 64, "float32"
+        args.warmup, args.steps, args.loss_chunk = 1, 2, 64
+    config = ModelConfig.from_hf(args.model)
+    rows = [contender(args, config) for contender in CONTENDERS]
+    reference = rows[1]["tokens_per_s"]
+    for r in rows:
+        r["vs_reference"] = r["tokens_per_s"] / reference
+    result = {"model": Path(args.model).name, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
+              "remat": args.remat, "smoke": args.smoke, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / ("train_throughput_smoke.json" if args.smoke else "train_throughput.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'contender':54} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'compile s':>9} {'ratio':>6}")
+    for r in rows:
+        mfu_text = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        mem = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
+        print(f"{r['contender']:54} {r['tokens_per_s']:>10.0f} {mfu_text:>6} {mem:>9} "
+              f"{r['compile_s']:>9.1f} {r['vs_reference']:>6.2f}")
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
