@@ -19,6 +19,7 @@ evaluation, checkpoints (`hammer_torch.train_checkpoint`), SIGTERM.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import sys
@@ -52,6 +53,7 @@ def train(config: TrainConfig) -> Path:
     model_config = config.model_config()
     mixture = mixture_from_specs(config.data)
     validation = validation_sets(config.validation) if config.validation else {}
+    tokenizer = _tokenizer(config)  # saved with every checkpoint
     with train_step.process_group() as device:
         rank, world = dist.get_rank(), dist.get_world_size()
         config.mesh.resolve(world)  # any data x fsdp sizes that multiply to the world size
@@ -65,11 +67,11 @@ def train(config: TrainConfig) -> Path:
         if rank == 0:
             open_run(config, model_config, data_fingerprint(mixture))
         dist.barrier()
-        return _train(config, model_config, model, mixture, validation, run_dir, device)
+        return _train(config, model_config, model, mixture, validation, tokenizer, run_dir, device)
 
 
 def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture, validation,
-           run_dir: Path, device: torch.device) -> Path:
+           tokenizer, run_dir: Path, device: torch.device) -> Path:
     rank, world = dist.get_rank(), dist.get_world_size()
     step_fn = train_step.build(config, model, device)
     optimizer, scheduler = step_fn.optimizer, step_fn.scheduler
@@ -84,7 +86,6 @@ def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture
         loader.restore(LoaderState.from_dict(resumed.loader))
         if rank == 0:
             print(f"resuming {run_dir} from step {step}", file=sys.stderr)
-    tokenizer = _tokenizer(config) if rank == 0 else None
     tokens_per_step = config.batch_size * mixture.block_size
     flops_per_token = model_config.flops_per_token(mixture.block_size)
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -156,9 +157,12 @@ def _initial_model(config: TrainConfig, model_config: ModelConfig) -> Llama:
     import convert
 
     init_config, tensors = convert.read_checkpoint(config.init)
-    if init_config != model_config:
+    differ = {f.name: (getattr(init_config, f.name), getattr(model_config, f.name))
+              for f in dataclasses.fields(model_config)
+              if getattr(init_config, f.name) != getattr(model_config, f.name)}
+    if differ:
         raise ConfigError(f"init {config.init} holds another model than {config.model}: "
-                          f"{init_config} != {model_config}")
+                          + ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in differ.items()))
     model = from_tensors(model_config, convert.check_hf(tensors, model_config), torch.float32,
                          config.attention_impl)
     return model.train()

@@ -288,3 +288,16 @@ def test_full_remat_recomputes_the_blocks_and_changes_no_loss(inputs, tmp_path):
     assert losses["full"] == pytest.approx(losses["none"], rel=1e-6)
     for name, value in weights["none"].items():
         assert relative(weights["full"][name], value) <= 1e-6, name
+
+
+def test_an_init_of_another_model_is_refused_naming_what_differs(inputs, tmp_path):
+    from hammer.config import ModelConfig
+    from hammer_torch import Llama, save_pretrained
+    from hammer_torch.train import train
+
+    other = ModelConfig.from_hf(write_model_config(tmp_path / "other.json", intermediate_size=80))
+    save_pretrained(Llama(other), tmp_path / "init")
+    config = from_dict(train_settings(inputs, tmp_path / "run", backend="torch", init=str(tmp_path / "init")))
+    with pytest.raises(ConfigError, match="intermediate_size 80 there, 96 here"):
+        train(config)
+    assert not (tmp_path / "run").exists()
