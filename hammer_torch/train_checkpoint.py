@@ -122,6 +122,7 @@ def _read(path: Path, model_config: ModelConfig):
         raise ValueError(f"its config.json describes another model than the run's")
     meta = json.loads((path / TRAINER_FILE).read_text())
     state = TrainerState(int(meta["step"]), int(meta["tokens"]), dict(meta["loader"]))
-    saved = torch.load(path / OPTIMIZER_FILE, weights_only=True)
+    # Memory-mapped: each rank copies out only its ZeRO-1 partition, not the whole state.
+    saved = torch.load(path / OPTIMIZER_FILE, weights_only=True, mmap=True)
     rngs = torch.load(path / RNG_FILE, weights_only=True)
     return state, {name: to_torch(x) for name, x in tensors.items()}, saved, rngs
