@@ -301,3 +301,16 @@ def test_an_init_of_another_model_is_refused_naming_what_differs(inputs, tmp_pat
     with pytest.raises(ConfigError, match="intermediate_size 80 there, 96 here"):
         train(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_saves_nothing_after_it(inputs, tmp_path):
+    from hammer.metrics import DivergedError
+    from hammer_torch.train import train
+
+    config = from_dict(train_settings(inputs, tmp_path / "run", backend="torch", lr=1e30,
+                                      warmup_steps=0, checkpoint_every=1, validation={}))
+    with pytest.raises(DivergedError, match=r"step (\d+): non-finite") as error:
+        train(config)
+    diverged = int(error.value.args[0].split()[1].rstrip(":"))
+    saved = sorted(int(p.name[5:]) for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert diverged >= 2 and saved == list(range(1, diverged))
