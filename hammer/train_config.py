@@ -29,6 +29,7 @@ BACKENDS = ("jax", "torch")
 DTYPES = ("bfloat16", "float32")
 REMAT_POLICIES = ("none", "dots", "full")
 COMPILE_MODES = ("auto", "blocks", "model", "none")
+DISTRIBUTED_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,40 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """How the processes of a multi-host JAX run find each other (`jax.distributed.initialize`).
+
+    Not part of what a run computes: a resumed run may move to another number of hosts."""
+
+    # auto: join when coordinator_address is set or the environment is a multi-process cluster JAX
+    # detects itself (Cloud TPU VM, SLURM step with more than one task, Open MPI); on: always join,
+    # JAX detecting the rest; off: one process
+    mode: str = "auto"
+    coordinator_address: str = ""  # HOST:PORT of process 0 ("": from the cluster environment)
+    num_processes: int = 0  # 0: from the cluster environment
+    process_id: int = -1  # -1: from the cluster environment
+    local_device_ids: tuple[int, ...] = ()  # (): JAX's choice (all, but one GPU a process under SLURM/MPI)
+    initialization_timeout: int = 300  # seconds to wait for every process to join
+    heartbeat_timeout: int = 100  # seconds of silence after which a process is dead and the run fails
+
+    def __post_init__(self):
+        if self.mode not in DISTRIBUTED_MODES:
+            raise ConfigError(f"distributed.mode = {self.mode!r}; expected one of {', '.join(DISTRIBUTED_MODES)}")
+        for key in ("initialization_timeout", "heartbeat_timeout"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"distributed.{key} = {getattr(self, key)} is impossible; expected >= 1 second")
+        if self.num_processes < 0:
+            raise ConfigError(f"distributed.num_processes = {self.num_processes} is impossible; "
+                              f"expected >= 1 (0: from the cluster environment)")
+        if self.process_id != -1 and not 0 <= self.process_id < (self.num_processes or self.process_id + 1):
+            raise ConfigError(f"distributed.process_id = {self.process_id} is not in [0, num_processes = "
+                              f"{self.num_processes}) (-1: from the cluster environment)")
+        if any(i < 0 for i in self.local_device_ids):
+            raise ConfigError(f"distributed.local_device_ids = {list(self.local_device_ids)}; expected "
+                              f"device numbers >= 0")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     # What to train, on what, where.
     model: str  # an HF config.json, or a directory holding one
@@ -88,6 +123,7 @@ class TrainConfig:
     seed: int = 3407
     dtype: str = "bfloat16"  # compute dtype; master weights and optimizer state stay float32
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # Checkpoints, logs and evaluation.
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
@@ -106,9 +142,10 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_types({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                      if f.name != "mesh"}, TrainConfig, "")
-        if not isinstance(self.mesh, MeshConfig):
-            raise ConfigError(f"mesh = {self.mesh!r}; expected a MeshConfig")
+                      if f.name not in TABLES}, TrainConfig, "")
+        for key, cls in TABLES.items():
+            if not isinstance(getattr(self, key), cls):
+                raise ConfigError(f"{key} = {getattr(self, key)!r}; expected a {cls.__name__}")
         checks = [  # (key, holds, what is expected)
             ("steps", self.steps >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
@@ -164,6 +201,9 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+TABLES = {"mesh": MeshConfig, "distributed": DistributedConfig}  # nested tables of TrainConfig
+
+
 def load_train_config(path: str | os.PathLike | None = None,
                       overrides: Sequence[str] = ()) -> TrainConfig:
     """The config of TOML file `path` (optional) with `key=value` overrides applied in order."""
@@ -186,11 +226,15 @@ def from_dict(values: Mapping[str, Any]) -> TrainConfig:
     """A TrainConfig from nested plain values (a parsed TOML file or `TrainConfig.to_dict()`)."""
     values = dict(values)
     _check_keys(values, TrainConfig, "")
-    mesh = values.pop("mesh", {})
-    if not isinstance(mesh, Mapping):
-        raise ConfigError(f"mesh = {mesh!r}; expected a table with data, fsdp, tensor")
-    _check_keys(mesh, MeshConfig, "mesh.")
-    _check_types(mesh, MeshConfig, "mesh.")
+    tables = {}
+    for key, cls in TABLES.items():
+        table = values.pop(key, {})
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{key} = {table!r}; expected a table with "
+                              f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+        _check_keys(table, cls, f"{key}.")
+        _check_types(table, cls, f"{key}.")
+        tables[key] = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in table.items()})
     required = [f.name for f in dataclasses.fields(TrainConfig)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [k for k in required if k not in values]
@@ -205,7 +249,7 @@ def from_dict(values: Mapping[str, Any]) -> TrainConfig:
                 "max_grad_norm", "peak_flops"):
         if key in values:
             values[key] = float(values[key])
-    return TrainConfig(**values, mesh=MeshConfig(**mesh))
+    return TrainConfig(**values, **tables)
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -242,7 +286,7 @@ def _check_keys(values: Mapping[str, Any], cls: type, prefix: str) -> None:
 def _check_types(values: Mapping[str, Any], cls: type, prefix: str) -> None:
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
-        if key == "mesh" and cls is TrainConfig:
+        if key in TABLES and cls is TrainConfig:
             continue
         expected = hints[key]
         if not _is_instance(value, expected):
@@ -259,8 +303,9 @@ def _is_instance(value: Any, expected: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if expected is str:
         return isinstance(value, str)
-    if origin is tuple:  # tuple[str, ...], written as a TOML array
-        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    if origin is tuple:  # tuple[str, ...] or tuple[int, ...], written as a TOML array
+        item = typing.get_args(expected)[0]
+        return isinstance(value, (list, tuple)) and all(_is_instance(v, item) for v in value)
     if origin in (collections.abc.Mapping, dict):
         return isinstance(value, Mapping) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in value.items())
@@ -271,7 +316,7 @@ def _is_instance(value: Any, expected: Any) -> bool:
 
 def _describe(expected: Any) -> str:
     if typing.get_origin(expected) is tuple:
-        return "a list of strings"
+        return {str: "a list of strings", int: "a list of integers"}[typing.get_args(expected)[0]]
     if typing.get_origin(expected) in (collections.abc.Mapping, dict):
         return "a table of name = string"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(

@@ -1,12 +1,18 @@
 """`hammer train` on the JAX backend: HammerLLM's recipe on a device mesh, resumable at any time.
 
-    config -> mesh -> data -> run directory -> model and optimizer state (fresh or resumed) -> loop:
-    step, log, evaluate, checkpoint; SIGTERM saves and exits 0; a non-finite loss stops the run
+    config -> processes -> mesh -> data -> run directory -> model and optimizer state (fresh or
+    resumed) -> loop: step, log, evaluate, checkpoint; SIGTERM saves and exits 0; a non-finite loss
+    stops the run
 
 Everything a user can get wrong (model config, mesh, batch layout, data, validation sets, init
 weights, tokenizer) is checked before the run directory is made, so a bad config leaves nothing
 behind. The run directory also gets the model's config.json (and the tokenizer, when set), so a
 checkpoint in it is a model `hammer convert`, `eval` and `generate` read.
+
+On many hosts every process runs this same function (hammer_jax.distributed joins them first): each
+reads only its rows of every batch, all take part in every step and checkpoint, and process 0 alone
+writes the run directory's files, metrics and progress bar. The run directory must be on a
+filesystem every host sees.
 """
 from __future__ import annotations
 
@@ -29,11 +35,12 @@ from hammer.metrics import MetricsLog, check_finite, mfu, peak_flops
 from hammer.run import data_fingerprint, open_run
 from hammer.train_config import TrainConfig
 from hammer_jax.checkpoint import model_from_params
+from hammer_jax.distributed import BatchPlacer, any_process, join, sync
 from hammer_jax.model import ATTENTION_IMPLS, Llama
 from hammer_jax.optimizer import learning_rate_schedule, make_optimizer
 from hammer_jax.sharding import make_mesh, model_shardings
 from hammer_jax.train_checkpoint import TrainCheckpoints, abstract_state
-from hammer_jax.train_step import (TrainState, batch_sharding, batch_shards, init_state,
+from hammer_jax.train_step import (TrainState, batch_shards, init_state,
                                    make_eval_step, make_train_step, state_shardings)
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -41,6 +48,8 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 def train(config: TrainConfig) -> Path:
     """Runs (or resumes) the run `config` describes; returns its directory."""
+    join(config.distributed)  # before anything else asks JAX about devices
+    primary = jax.process_index() == 0
     model_config = config.model_config()
     model_options = _model_options(config)
     mesh = make_mesh(config.mesh)
@@ -52,8 +61,11 @@ def train(config: TrainConfig) -> Path:
     tokenizer = _tokenizer(config, mixture)
     if config.init:
         _check_init(config.init, model_config)
-    run_dir = open_run(config, model_config, data_fingerprint(mixture))
-    _write_model_files(run_dir, model_config, tokenizer)
+    run_dir = Path(config.output)
+    if primary:
+        open_run(config, model_config, data_fingerprint(mixture))
+        _write_model_files(run_dir, model_config, tokenizer)
+    sync("hammer: run directory open")
 
     def make_model():
         return Llama(model_config, rngs=nnx.Rngs(config.seed), **model_options)
@@ -68,8 +80,8 @@ def train(config: TrainConfig) -> Path:
                         opt_state=jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params)))
 
     checkpoints = TrainCheckpoints(run_dir, config.keep_checkpoints)
-    loader = Loader(mixture, config.batch_size, seed=config.seed,
-                    process_index=jax.process_index(), process_count=jax.process_count())
+    to_device = BatchPlacer(mesh, config.batch_size, mixture.block_size)
+    loader = Loader(mixture, config.batch_size, seed=config.seed, rows=to_device.rows)
     restored = checkpoints.restore(abstract_state(shardings, shapes))
     if restored is None:
         params = (_init_params(config.init, model_config, model_options, param_shardings)
@@ -81,21 +93,21 @@ def train(config: TrainConfig) -> Path:
         state, meta = restored
         start = meta["step"]
         loader.restore(LoaderState.from_dict(meta["loader"]))
-        print(f"resuming {run_dir} from step {start}", file=sys.stderr)
+        if primary:
+            print(f"resuming {run_dir} from step {start}", file=sys.stderr)
 
     step_fn = make_train_step(graphdef, tx, schedule, shardings, mesh,
                               grad_accum=config.grad_accum, loss_chunk=config.loss_chunk)
     eval_fn = make_eval_step(graphdef, param_shardings, mesh, loss_chunk=config.loss_chunk)
-    to_device = _batch_placer(mesh, config.batch_size, mixture.block_size)
     compile_start = time.perf_counter()
     step_fn = step_fn.lower(state, to_device(loader.batch(loader.step))).compile()
     compile_time = time.perf_counter() - compile_start
 
     meter = _Meter(config, model_config, mixture.block_size, compile_time)
     preempted = _SigtermFlag()
-    metrics = MetricsLog(run_dir, start, tensorboard=config.tensorboard)
+    metrics = MetricsLog(run_dir, start, tensorboard=config.tensorboard) if primary else None
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", file=sys.stderr,
-               dynamic_ncols=True, mininterval=1.0)
+               dynamic_ncols=True, mininterval=1.0, disable=not primary)
     try:
         for done in range(start + 1, config.steps + 1):
             batch = to_device(next(loader))
@@ -107,23 +119,29 @@ def train(config: TrainConfig) -> Path:
             bar.update()
             if done % config.log_every == 0 or done == config.steps:
                 record = meter.record(done)
-                metrics.write(record)
+                if primary:
+                    metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             if validation and config.eval_every and done % config.eval_every == 0:
-                metrics.write(_evaluate(eval_fn, state.params, validation, config, done, mesh))
-            if done % config.checkpoint_every == 0 or done == config.steps or preempted.flag:
+                record = _evaluate(eval_fn, state.params, validation, config, done, mesh)
+                if primary:
+                    metrics.write(record)
+            stop = any_process(preempted.flag)  # a SIGTERM on any host: all save this step and stop
+            if done % config.checkpoint_every == 0 or done == config.steps or stop:
                 checkpoints.save(state, {"step": done, "loader": loader.state.to_dict(),
                                          "seed": config.seed, "data": data_fingerprint(mixture)})
-            if preempted.flag:
-                print(f"SIGTERM: saved step {done} in {checkpoints.directory}; rerun the same "
-                      f"command to resume", file=sys.stderr)
+            if stop:
+                if primary:
+                    print(f"SIGTERM: saved step {done} in {checkpoints.directory}; rerun the same "
+                          f"command to resume", file=sys.stderr)
                 break
     finally:
         bar.close()
         preempted.restore()
         checkpoints.wait()  # a save already started is of a good step: let it finish
         checkpoints.close()
-        metrics.close()
+        if primary:
+            metrics.close()
     return run_dir
 
 
@@ -141,9 +159,6 @@ def _check_batch_layout(config: TrainConfig, shards: int) -> None:
         raise ConfigError(f"batch_size / grad_accum = {config.micro_batch_size} sequences per "
                           f"micro-batch cannot be split over the mesh's {shards} data-parallel "
                           f"devices (mesh.data x mesh.fsdp); make it a multiple of {shards}")
-    if config.batch_size % jax.process_count():
-        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the "
-                          f"{jax.process_count()} processes")
 
 
 def _check_data(model: ModelConfig, datasets, key: str) -> None:
@@ -211,23 +226,13 @@ def _write_model_files(run_dir: Path, model: ModelConfig, tokenizer) -> None:
         tokenizer.save_pretrained(run_dir)
 
 
-def _batch_placer(mesh, global_rows: int, block_size: int):
-    sharding = batch_sharding(mesh)
-
-    def place(local: np.ndarray) -> jax.Array:
-        return jax.make_array_from_process_local_data(sharding, local, (global_rows, block_size))
-
-    return place
-
-
 def _evaluate(eval_fn, params, validation, config: TrainConfig, step: int, mesh) -> dict:
     """Per-domain loss and perplexity over the first `eval_batches` full batches of each set."""
     domains = {}
     for name, ds in validation.items():
-        place = _batch_placer(mesh, config.eval_batch_size, ds.block_size)
+        place = BatchPlacer(mesh, config.eval_batch_size, ds.block_size)
         total, tokens = 0.0, 0
-        batches = eval_batches(ds, config.eval_batch_size, process_index=jax.process_index(),
-                               process_count=jax.process_count(), drop_remainder=True)
+        batches = eval_batches(ds, config.eval_batch_size, rows=place.rows, drop_remainder=True)
         for i, rows in enumerate(batches):
             if config.eval_batches and i == config.eval_batches:
                 break
@@ -245,7 +250,8 @@ class _Meter:
         self.tokens_per_step = config.batch_size * block_size
         self.flops_per_token = model.flops_per_token(block_size)
         self.devices = jax.devices()
-        self.peak = peak_flops(self.devices[0].device_kind, config.peak_flops)
+        self.local_device = jax.local_devices()[0]
+        self.peak = peak_flops(self.local_device.device_kind, config.peak_flops)
         self.compile_time = compile_time
         self.losses, self.seconds, self.last = [], 0.0, {}
 
@@ -265,7 +271,7 @@ class _Meter:
                   "mfu": mfu(self.flops_per_token, tokens_per_s, len(self.devices), self.peak)}
         if self.compile_time is not None:
             record["compile_time"], self.compile_time = self.compile_time, None
-        stats = self.devices[0].memory_stats() or {}
+        stats = self.local_device.memory_stats() or {}
         if "peak_bytes_in_use" in stats:
             record["peak_memory_gb"] = stats["peak_bytes_in_use"] / 2**30
         self.losses, self.seconds = [], 0.0

@@ -12,6 +12,10 @@ shard of the current mesh, which may differ from the one that saved it. An unrea
 reported by path, moved to RUN_DIR/checkpoints-unreadable/ (kept, never deleted; a later save may
 then reuse its step) and the one before it is tried; when none is readable the run stops with an
 error rather than start again from step 0.
+
+On many hosts every process saves and restores its own shards (orbax coordinates them; process 0
+writes the metadata), so RUN_DIR must be on a filesystem all hosts share. A step unreadable on any
+process is set aside by process 0 and all of them try the previous one together.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import orbax.checkpoint as ocp
 
 from hammer.errors import HammerError
 from hammer.run import CHECKPOINTS_DIR
+from hammer_jax.distributed import any_process, sync
 from hammer_jax.train_step import TrainState
 
 UNREADABLE_DIR = "checkpoints-unreadable"
@@ -61,8 +66,11 @@ class TrainCheckpoints:
                     opt_state=ocp.args.StandardRestore({"step": abstract.step,
                                                         "opt_state": abstract.opt_state}),
                     meta=ocp.args.JsonRestore()))
+                error = None
             except Exception as e:  # orbax raises many types for a damaged directory
-                self._set_aside(step, path, e)
+                error = e
+            if any_process(error is not None):  # every process goes on from the same step
+                self._set_aside(step, path, error)
                 continue
             state = TrainState(step=restored.opt_state["step"], params=restored.params,
                                opt_state=restored.opt_state["opt_state"])
@@ -73,16 +81,21 @@ class TrainCheckpoints:
                                   f"not restarting from step 0: restore one, or use a new output")
         return None
 
-    def _set_aside(self, step: int, path: Path, error: Exception) -> None:
-        aside = self.run_dir / UNREADABLE_DIR / str(step)
-        copies = 1
-        while aside.exists():  # the same step set aside before: keep both
-            aside, copies = aside.with_name(f"{step}.{copies}"), copies + 1
-        reason = (str(error).strip().splitlines() or [""])[0]
-        warnings.warn(f"checkpoint {path} is unreadable ({type(error).__name__}: {reason}); "
-                      f"moved to {aside}, trying the previous one", stacklevel=3)
-        aside.parent.mkdir(exist_ok=True)
-        path.rename(aside)
+    def _set_aside(self, step: int, path: Path, error: Exception | None) -> None:
+        """Moves unreadable step `path` aside (`error`: what this process got; None when another
+        process failed to read it)."""
+        if jax.process_index() == 0:
+            aside = self.run_dir / UNREADABLE_DIR / str(step)
+            copies = 1
+            while aside.exists():  # the same step set aside before: keep both
+                aside, copies = aside.with_name(f"{step}.{copies}"), copies + 1
+            reason = ("another process could not read it" if error is None else
+                      f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}")
+            warnings.warn(f"checkpoint {path} is unreadable ({reason}); moved to {aside}, trying "
+                          f"the previous one", stacklevel=3)
+            aside.parent.mkdir(exist_ok=True)
+            path.rename(aside)
+        sync(f"hammer: checkpoint {step} set aside")
         self.manager.reload()
 
     def wait(self) -> None:

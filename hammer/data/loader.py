@@ -17,7 +17,8 @@ is the loader's whole position; restoring it replays nothing. The order is the s
 and numpy version (64-bit integer arithmetic only).
 
 Several hosts: every process derives the same global batch; process p of P takes rows
-[p * B / P, (p + 1) * B / P) and reads only those blocks.
+[p * B / P, (p + 1) * B / P) and reads only those blocks, or the rows it is given (those its
+devices hold under a mesh, which need be neither contiguous nor disjoint from another process's).
 """
 from __future__ import annotations
 
@@ -117,17 +118,24 @@ class Loader:
     """Iterator of this process's rows of each global batch (int32 `[B / P, block_size]`)."""
 
     def __init__(self, mixture: Mixture, global_batch_size: int, *, seed: int = 0, step: int = 0,
-                 process_index: int = 0, process_count: int = 1):
-        if global_batch_size < 1 or global_batch_size % process_count:
+                 process_index: int = 0, process_count: int = 1, rows: Sequence[int] | None = None):
+        """`rows`: the indices in each global batch this process reads, instead of its contiguous
+        share of `process_count`."""
+        if global_batch_size < 1 or (rows is None and global_batch_size % process_count):
             raise DataError(f"global batch size {global_batch_size} must be a positive multiple of the "
                             f"process count {process_count}")
         LoaderState(seed, step)  # refuses a negative seed or step
         if not 0 <= process_index < process_count:
             raise DataError(f"process index {process_index} is not in [0, {process_count})")
+        if rows is None:
+            share = global_batch_size // process_count
+            rows = np.arange(process_index * share, (process_index + 1) * share)
+        self.rows = np.asarray(rows, np.int64)
+        if self.rows.size == 0 or self.rows.min() < 0 or self.rows.max() >= global_batch_size:
+            raise DataError(f"rows {self.rows.tolist()} are not indices of a {global_batch_size}-row batch")
         self.mixture = mixture
         self.global_batch_size = global_batch_size
-        self.local_batch_size = global_batch_size // process_count
-        self.process_index, self.process_count = process_index, process_count
+        self.local_batch_size = len(self.rows)
         self.seed, self.step = seed, step
 
     @property
@@ -147,8 +155,7 @@ class Loader:
 
     def sources(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(dataset, block) of each of this process's rows of global batch `step`."""
-        first = step * self.global_batch_size + self.process_index * self.local_batch_size
-        return self.mixture.locate(self.seed, np.arange(first, first + self.local_batch_size))
+        return self.mixture.locate(self.seed, step * self.global_batch_size + self.rows)
 
     def batch(self, step: int) -> np.ndarray:
         """This process's rows of global batch `step`, read from the shards."""
@@ -189,17 +196,22 @@ def validation_sets(spec: Mapping[str, str | os.PathLike] | str | os.PathLike,
 
 
 def eval_batches(dataset: PreparedDataset, batch_size: int, *, process_index: int = 0,
-                 process_count: int = 1, drop_remainder: bool = False) -> Iterator[np.ndarray]:
-    """A validation set in packing order, global batches of `batch_size` blocks, this process's rows.
+                 process_count: int = 1, drop_remainder: bool = False,
+                 rows: Sequence[int] | None = None) -> Iterator[np.ndarray]:
+    """A validation set in packing order, global batches of `batch_size` blocks, this process's rows
+    (its near-equal share, or the given `rows` of each batch, as `Loader`'s).
 
     The last batch may be short (each process then gets its near-equal share, possibly none) unless
-    `drop_remainder`, which keeps shapes fixed for a jitted step.
+    `drop_remainder`, which keeps shapes fixed for a jitted step (and is needed with `rows`).
     """
     if batch_size < 1 or batch_size % process_count:
         raise DataError(f"batch size {batch_size} must be a positive multiple of the process count "
                         f"{process_count}")
+    if rows is not None and not drop_remainder:
+        raise DataError("eval_batches: given rows of each batch need drop_remainder=True (full batches)")
     n = len(dataset)
     stop = n - n % batch_size if drop_remainder else n
     for start in range(0, stop, batch_size):
         ids = np.arange(start, min(start + batch_size, stop))
-        yield dataset.read(np.array_split(ids, process_count)[process_index])
+        yield dataset.read(ids[np.asarray(rows)] if rows is not None
+                           else np.array_split(ids, process_count)[process_index])
