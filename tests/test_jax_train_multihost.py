@@ -1,6 +1,7 @@
 """`hammer train` over two JAX processes on localhost (jax.distributed, 4 CPU devices each, gloo
 collectives): the losses of one process with 8 devices, a checkpoint another topology resumes,
 every batch row where the mesh puts it, and a dead process taking the run down."""
+import importlib.util
 import json
 import signal
 import socket
@@ -11,12 +12,57 @@ import time
 import numpy as np
 import pytest
 
+from hammer.config import ConfigError, ModelConfig
+from hammer.run import open_run
+from hammer.train_config import DistributedConfig, load_train_config
+from hammer_jax.distributed import detected_cluster, join
 from tests.train_fixtures import (REPO, tiny_inputs, train_command, train_env, train_losses,
-                                  write_train_config)
+                                  write_model_config, write_train_config)
 
 # float32 on both sides; the two topologies reduce in another order (gloo across processes):
 # measured up to ~3e-7 relative over 4 steps
 RTOL = 1e-5
+
+
+BASE = ["model=m.json", "data=d", "output=o", "steps=3", "batch_size=8"]
+
+
+def test_the_distributed_table_is_checked_where_it_enters():
+    c = load_train_config(None, [*BASE, "distributed.coordinator_address=10.0.0.1:1234",
+                                 "distributed.num_processes=4", "distributed.process_id=3",
+                                 "distributed.local_device_ids=[0, 1]", "distributed.heartbeat_timeout=20"])
+    assert c.distributed == DistributedConfig("auto", "10.0.0.1:1234", 4, 3, (0, 1), 300, 20)
+    bad = {"distributed.heartbeat=5": "unknown config key distributed.heartbeat; did you mean "
+                                      r"distributed.heartbeat_timeout\?",
+           "distributed.mode=maybe": "distributed.mode = 'maybe'; expected one of auto, on, off",
+           "distributed.process_id=2": r"process_id = 2 is not in \[0, num_processes = 2\)",
+           "distributed.local_device_ids=[-1]": r"local_device_ids = \[-1\]",
+           "distributed.heartbeat_timeout=0": "heartbeat_timeout = 0 is impossible",
+           "distributed.num_processes=two": "distributed.num_processes = 'two' has the wrong type"}
+    for override, message in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            load_train_config(None, [*BASE, "distributed.num_processes=2", override])
+
+
+def test_a_run_may_resume_on_another_number_of_processes(tmp_path):
+    model = ModelConfig.from_hf(write_model_config(tmp_path / "m.json"))
+    run = [*BASE, f"output={tmp_path / 'run'}"]
+    open_run(load_train_config(None, run), model, {"tokenizer": "t"})
+    moved = load_train_config(None, [*run, "distributed.coordinator_address=h:1", "distributed.num_processes=4"])
+    assert open_run(moved, model, {"tokenizer": "t"}) == tmp_path / "run"
+
+
+def test_auto_joins_a_cluster_jax_detects_with_more_than_one_process():
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0"}
+    assert detected_cluster({**slurm, "SLURM_NTASKS": "2"}) == "slurm"
+    assert detected_cluster({**slurm, "SLURM_NTASKS": "1"}) is None  # a one-task job step
+    assert detected_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}) is None  # sbatch, not srun
+    assert detected_cluster({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:5", "OMPI_COMM_WORLD_SIZE": "4"}) == "ompi"
+    assert not join(DistributedConfig(mode="off"), {**slurm, "SLURM_NTASKS": "2"})  # off: never
+    if importlib.util.find_spec("libtpu") is None:  # not a TPU VM: auto outside a cluster is one process
+        assert detected_cluster({}) is None
+        assert not join(DistributedConfig(), {})
 
 
 def free_port() -> int:
