@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -157,6 +159,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="configs/tiny.json, 2 x 64, float32, CPU")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--tag", default="", help="suffix of the JSON file name (a variant: flags, remat...)")
+    p.add_argument("--only", nargs="+", choices=[c.__name__ for c in CONTENDERS],
+                   help="run these contenders only (the ratio needs transformers_reference)")
     p.add_argument("--model", default=str(REPO / "configs" / "hammerllm-1.4b.json"))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
@@ -166,28 +171,49 @@ def main(argv=None) -> int:
     p.add_argument("--loss-chunk", type=int, default=8192)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one contender, print its row
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.batch, args.seq, args.dtype = str(REPO / "configs" / "tiny.json"), 2, 64, "float32"
         args.warmup, args.steps, args.loss_chunk = 1, 2, 64
     config = ModelConfig.from_hf(args.model)
-    rows = [contender(args, config) for contender in CONTENDERS]
-    reference = rows[1]["tokens_per_s"]
+    if args.row:
+        print(ROW_MARK + json.dumps(next(c for c in CONTENDERS if c.__name__ == args.row)(args, config)))
+        return 0
+    names = args.only or [c.__name__ for c in CONTENDERS]
+    # One process per contender: JAX and torch would otherwise share (and fight over) the GPU's
+    # memory, and each peak is then its own.
+    rows = [_run_row(name, argv if argv is not None else sys.argv[1:]) for name in names]
+    reference = next((r["tokens_per_s"] for r, n in zip(rows, names) if n == "transformers_reference"), None)
     for r in rows:
-        r["vs_reference"] = r["tokens_per_s"] / reference
+        r["vs_reference"] = None if reference is None else r["tokens_per_s"] / reference
     result = {"model": Path(args.model).name, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
-              "remat": args.remat, "smoke": args.smoke, "rows": rows}
+              "remat": args.remat, "scan_layers": args.scan_layers, "loss_chunk": args.loss_chunk,
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), "smoke": args.smoke, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / ("train_throughput_smoke.json" if args.smoke else "train_throughput.json")
+    name = "train_throughput_smoke" if args.smoke else "train_throughput"
+    out = args.out / f"{name}{'_' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'contender':54} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'compile s':>9} {'ratio':>6}")
     for r in rows:
         mfu_text = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
         mem = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
+        ratio = "-" if r["vs_reference"] is None else f"{r['vs_reference']:.2f}"
         print(f"{r['contender']:54} {r['tokens_per_s']:>10.0f} {mfu_text:>6} {mem:>9} "
-              f"{r['compile_s']:>9.1f} {r['vs_reference']:>6.2f}")
+              f"{r['compile_s']:>9.1f} {ratio:>6}")
     print(f"written {out}")
     return 0
+
+
+ROW_MARK = "ROW "
+
+
+def _run_row(name: str, argv: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *argv, "--row", name], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
+    line = next(l for l in proc.stdout.splitlines() if l.startswith(ROW_MARK))
+    return json.loads(line[len(ROW_MARK):])
 
 
 if __name__ == "__main__":
