@@ -43,8 +43,9 @@ def data_fingerprint(mixture) -> dict[str, Any]:
     }
 
 
-def open_run(config: TrainConfig, model: ModelConfig, data: dict[str, Any]) -> Path:
-    """The run directory, created for a new run or checked against the run it already holds.
+def open_run(config: TrainConfig, model: ModelConfig, data: dict[str, Any], *, write: bool = True) -> Path:
+    """The run directory, created for a new run or checked against the run it already holds
+    (`write=False`: checked only, as every process of a multi-host run does before process 0 writes).
 
     Call it after every input has been checked: a bad config must leave no directory behind."""
     run = Path(config.output)
@@ -63,6 +64,7 @@ def open_run(config: TrainConfig, model: ModelConfig, data: dict[str, Any]) -> P
     elif run.exists() and any(run.iterdir()):
         raise ConfigError(f"output {run} exists and is not a hammer run directory (no {RUN_FILE}); "
                           f"choose a new output directory")
-    with atomic_file(file) as f:
-        f.write(json.dumps(record, indent=2) + "\n")
+    if write:
+        with atomic_file(file) as f:
+            f.write(json.dumps(record, indent=2) + "\n")
     return run

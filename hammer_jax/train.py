@@ -61,11 +61,19 @@ def train(config: TrainConfig) -> Path:
     tokenizer = _tokenizer(config, mixture)
     if config.init:
         _check_init(config.init, model_config)
-    run_dir = Path(config.output)
+    # every process refuses a run it cannot resume (the same one-line error everywhere), then
+    # process 0 alone writes
+    run_dir = open_run(config, model_config, data_fingerprint(mixture), write=False)
+    sync("hammer: run directory checked")
     if primary:
         open_run(config, model_config, data_fingerprint(mixture))
         _write_model_files(run_dir, model_config, tokenizer)
     sync("hammer: run directory open")
+    # A run's padded vocabulary is fixed when it starts (128 x the tensor axis, so each shard
+    # holds whole 128-row tiles); a resume, on whatever mesh, keeps the rows its checkpoints hold
+    # (as a multiple, that row count pads to itself) so the restore targets their shapes.
+    model_options["vocab_multiple"] = (convert.run_vocab_rows(run_dir)
+                                       or convert.VOCAB_MULTIPLE * mesh.shape["tensor"])
 
     def make_model():
         return Llama(model_config, rngs=nnx.Rngs(config.seed), **model_options)
@@ -214,7 +222,8 @@ def _check_init(path: str, model: ModelConfig) -> None:
 
 def _init_params(path: str, model: ModelConfig, options: dict, shardings):
     _, params = convert.read_jax_params(path, options["scan_layers"])
-    loaded = model_from_params(model, params, dtype=options["dtype"], param_dtype=jnp.float32)
+    loaded = model_from_params(model, params, dtype=options["dtype"], param_dtype=jnp.float32,
+                               vocab_multiple=options["vocab_multiple"])
     return jax.device_put(nnx.to_pure_dict(nnx.state(loaded)), shardings)
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from hammer.config import ConfigError, ModelConfig
-from hammer.run import open_run
+from hammer.data.loader import mixture_from_specs
+from hammer.run import data_fingerprint, open_run
 from hammer.train_config import DistributedConfig, load_train_config
 from hammer_jax.distributed import detected_cluster, join
 from tests.train_fixtures import (REPO, tiny_inputs, train_command, train_env, train_losses,
@@ -210,3 +211,15 @@ def test_a_dead_process_takes_the_run_down_instead_of_hanging(tmp_path):
     assert code != 0, stderr[-3000:]
     assert waited < heartbeat * 12, f"process 0 hung {waited:.0f} s after process 1 died"
     print(f"process 0 exited {code} {waited:.1f} s after process 1 was killed")
+
+
+@pytest.mark.slow
+def test_a_run_refused_is_refused_by_every_process_with_one_line(tmp_path):
+    inputs = tiny_inputs(tmp_path / "inputs")
+    config = write_train_config(tmp_path / "c.toml", inputs, tmp_path / "run", mesh={"data": 2, "fsdp": 4})
+    settings = load_train_config(config, ["lr=1e-3"])
+    open_run(settings, settings.model_config(), data_fingerprint(mixture_from_specs(settings.data)))
+    for code, stderr in finish(start_pair(config), timeout=300):  # lr 3e-3 now: another run
+        assert code == 2, stderr[-3000:]
+        assert stderr.strip().splitlines()[-1].startswith("hammer train: error: ")
+        assert "another lr (lr: 0.001 -> 0.003)" in stderr
