@@ -10,13 +10,18 @@ or transforms), which every function here takes as arrays: a conversion streams 
     save_hf(dst, config, tensors, tokenizer=None, dtype=None, generation_config=None,
             max_shard_bytes=5 GiB)
     check_hf(tensors, config) -> {hf_name: array}            exactly the config's tensors, checked
-    hf_to_jax(tensors, config, scan_layers=False) -> params  nested dict, nnx pure-dict layout
+    hf_to_jax(tensors, config, scan_layers=False, vocab_rows=None) -> params
+                                                             nested dict, nnx pure-dict layout,
+                                                             vocabulary padded (VOCAB_MULTIPLE)
+    fit_vocab(params, config, vocab_rows) -> params          the vocabulary re-padded
     jax_to_hf(params, config) -> {hf_name: array}            per-layer or stacked params
     jax_as_hf(params, config) -> {hf_name: LazyTensor}       each transposed when used
     layer_layout(params, config, stacked) -> params          per-layer <-> stacked, checked
     load_jax(path) -> (ModelConfig, params)                  orbax checkpoint + config.json, or a
                                                              JAX training run / checkpoint step
     locate_jax(path) -> (config dir, params dir)
+    run_vocab_rows(run_dir) -> int | None                    the embedding rows a training run's
+                                                             checkpoints hold
     save_jax(dst, config, params, tokenizer=None, dtype=None, generation_config=None)
     read_generation_config(path) -> dict | None              a directory's generation_config.json
     read_checkpoint(path) -> (ModelConfig, {hf_name: array}) either format, detected
@@ -30,10 +35,10 @@ import numpy as np
 
 from convert.hf import (TokenizerFiles, is_hf_dir, load_hf, open_hf, read_generation_config, save_hf,
                         strip_wrapper_prefixes)
-from convert.jax_checkpoint import is_jax_dir, load_jax, locate_jax, save_jax
+from convert.jax_checkpoint import is_jax_dir, load_jax, locate_jax, run_vocab_rows, save_jax
 from convert.lazy import LazyTensor
-from convert.mapping import (TABLE, ConvertError, check_hf, hf_to_jax, jax_as_hf, jax_to_hf,
-                             layer_layout, tensors)
+from convert.mapping import (TABLE, VOCAB_MULTIPLE, ConvertError, check_hf, fit_vocab, hf_to_jax,
+                             jax_as_hf, jax_to_hf, layer_layout, padded_vocab_size, tensors)
 
 
 def read_checkpoint(path) -> tuple:
@@ -61,7 +66,8 @@ def read_jax_params(path, scan_layers: bool = False) -> tuple:
     return config, hf_to_jax(tensors, config, scan_layers)
 
 
-__all__ = ["TABLE", "ConvertError", "LazyTensor", "TokenizerFiles", "check_hf", "hf_to_jax",
+__all__ = ["TABLE", "VOCAB_MULTIPLE", "ConvertError", "LazyTensor", "TokenizerFiles", "check_hf",
+           "fit_vocab", "hf_to_jax", "padded_vocab_size",
            "is_hf_dir", "is_jax_dir", "jax_as_hf", "jax_to_hf", "layer_layout", "load_hf", "load_jax",
            "locate_jax", "open_checkpoint", "open_hf", "read_checkpoint", "read_generation_config",
-           "read_jax_params", "save_hf", "save_jax", "strip_wrapper_prefixes", "tensors"]
+           "read_jax_params", "run_vocab_rows", "save_hf", "save_jax", "strip_wrapper_prefixes", "tensors"]

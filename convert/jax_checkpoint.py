@@ -80,10 +80,7 @@ def load_jax(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
     if not params_dir.is_dir():
         raise FileNotFoundError(f"no orbax checkpoint at {params_dir}")
     with _checkpointer() as checkpointer:
-        metadata = checkpointer.metadata(params_dir.absolute()).item_metadata
-        saved = None if metadata is None else metadata.tree
-        if not isinstance(saved, Mapping):
-            raise ConvertError(f"{params_dir} holds no param tree that orbax can read")
+        saved = _saved_tree(checkpointer, params_dir)
         params: dict[str, Any] = {}
         for group in _groups(saved, RESTORE_GROUP_BYTES):
             # Every leaf as numpy, however it was saved (a trainer saves jax.Arrays): straight
@@ -94,6 +91,31 @@ def load_jax(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
             for path, x in _flatten(restored):
                 _set(params, path, x)
     return config, params
+
+
+def _saved_tree(checkpointer, params_dir: Path) -> Mapping[str, Any]:
+    """The saved param tree's array metadata (shapes, dtypes), nothing read."""
+    metadata = checkpointer.metadata(params_dir.absolute()).item_metadata
+    saved = None if metadata is None else metadata.tree
+    if not isinstance(saved, Mapping):
+        raise ConvertError(f"{params_dir} holds no param tree that orbax can read")
+    return saved
+
+
+def run_vocab_rows(run_dir: str | os.PathLike) -> int | None:
+    """The embedding rows (the padded vocabulary) a JAX training run's checkpoints hold, from the
+    newest step whose metadata reads (every step of a run has the same); None without any."""
+    checkpoints = Path(run_dir) / CHECKPOINTS_DIR
+    steps = sorted((int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()),
+                   reverse=True) if checkpoints.is_dir() else []
+    with _checkpointer() as checkpointer:
+        for step in steps:
+            try:
+                saved = _saved_tree(checkpointer, checkpoints / str(step) / PARAMS_DIR)
+                return int(saved["embed_tokens"]["embedding"].shape[0])
+            except Exception:  # orbax raises many types for a damaged step; the restore reports it
+                continue
+    return None
 
 
 def _groups(tree: Mapping[str, Any], max_bytes: int) -> list[dict[str, Any]]:

@@ -2,6 +2,11 @@
 
 Both directions run from it. Every source shape is checked against the config, and any tensor
 that is missing, unexpected, duplicated or unmapped fails naming the tensor.
+
+hammer_jax pads the vocabulary axis of the embedding and the head with zero rows, to a multiple
+of `VOCAB_MULTIPLE` (times the tensor axis of a training mesh), so it divides over a mesh. HF
+tensors have the real vocabulary: the way in pads, the way out trims. A JAX tree of another
+padding is read as well (a run trained on another mesh); trimming refuses to drop nonzero rows.
 """
 from __future__ import annotations
 
@@ -21,12 +26,24 @@ class ConvertError(HammerError):
     """A checkpoint that does not match its config or the Llama layout."""
 
 
-# Shapes use one letter per size: V vocab, E hidden, H heads, K kv heads, D head dim, M mlp;
-# "HD" is H*D. Transposed tensors are HF's [out, in] Linear weights, stored [in, out] in JAX and
+# Rows of the JAX embedding and head are padded to a multiple of this (MaxText's choice: a
+# vocabulary shard then fills whole 128-wide tiles of a TPU's matrix unit).
+VOCAB_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """`vocab_size` rounded up to a multiple of `multiple` (105789 -> 105856 for 128)."""
+    if multiple < 1:
+        raise ValueError(f"vocab multiple {multiple} must be a positive integer")
+    return -(-vocab_size // multiple) * multiple
+
+
+# Shapes use one letter per size: V vocab, P padded vocab, E hidden, H heads, K kv heads, D head
+# dim, M mlp; "HD" is H*D. Transposed tensors are HF's [out, in] Linear weights, stored [in, out] in JAX and
 # then reshaped so heads keep their own axis. `{}` is the layer index.
 #   HF name                                      JAX path                       HF      JAX    transpose
 TABLE = (
-    ("model.embed_tokens.weight",                "embed_tokens.embedding",      "V E",  "V E",   False),
+    ("model.embed_tokens.weight",                "embed_tokens.embedding",      "V E",  "P E",   False),
     ("model.layers.{}.input_layernorm.weight",   "layers.{}.input_layernorm.scale", "E", "E",   False),
     ("model.layers.{}.self_attn.q_proj.weight",  "layers.{}.self_attn.q_proj.kernel", "HD E", "E H D", True),
     ("model.layers.{}.self_attn.k_proj.weight",  "layers.{}.self_attn.k_proj.kernel", "KD E", "E K D", True),
@@ -37,7 +54,7 @@ TABLE = (
     ("model.layers.{}.mlp.up_proj.weight",       "layers.{}.mlp.up_proj.kernel",   "M E", "E M",  True),
     ("model.layers.{}.mlp.down_proj.weight",     "layers.{}.mlp.down_proj.kernel", "E M", "M E",  True),
     ("model.norm.weight",                        "norm.scale",                  "E",    "E",     False),
-    ("lm_head.weight",                           "lm_head.kernel",              "V E",  "E V",   True),
+    ("lm_head.weight",                           "lm_head.kernel",              "V E",  "E P",   True),
 )
 # Buffers older transformers saved beside the weights; recomputed, never loaded.
 DROPPED = ("model.layers.{}.self_attn.rotary_emb.inv_freq",)
@@ -50,38 +67,90 @@ class Tensor:
     hf_shape: tuple[int, ...]
     jax_shape: tuple[int, ...]
     transpose: bool
+    vocab_axis: int | None = None  # the JAX axis of the padded vocabulary, if any
 
     def to_jax(self, x) -> np.ndarray:
+        """The HF tensor in JAX layout, the vocabulary padded with zero rows."""
         _check_shape(self.hf, x, self.hf_shape)
         x = np.asarray(x)
+        if self.vocab_axis is not None:
+            return _transposed(x, self.jax_shape) if self.transpose else _padded(x, self.jax_shape)
         return np.ascontiguousarray((_transposed(x) if self.transpose else x).reshape(self.jax_shape))
 
     def to_hf(self, x) -> np.ndarray:
-        _check_shape(_dotted(self.jax), x, self.jax_shape)
-        x = np.asarray(x)
+        """The JAX tensor (of any vocabulary padding) in HF layout, the padding trimmed."""
+        self.check_jax(x)
+        x = self.trimmed(np.asarray(x))
         if self.transpose:
             return _transposed(x.reshape(self.hf_shape[::-1]))
         return np.ascontiguousarray(x.reshape(self.hf_shape))
+
+    def check_jax(self, x) -> None:
+        """The JAX shape, except that the vocabulary may have any padding."""
+        shape = list(self.jax_shape)
+        if (self.vocab_axis is not None and len(x.shape) == len(shape)
+                and x.shape[self.vocab_axis] >= self.vocab):
+            shape[self.vocab_axis] = x.shape[self.vocab_axis]
+        _check_shape(_dotted(self.jax), x, tuple(shape))
+
+    @property
+    def vocab(self) -> int:
+        return self.hf_shape[0]  # the vocabulary's HF tensors are [vocab, hidden]
+
+    def trimmed(self, x: np.ndarray) -> np.ndarray:
+        """x with its vocabulary axis cut to the real vocabulary (a view); padded rows that are
+        not zero would be weights lost, which is refused."""
+        if self.vocab_axis is None or x.shape[self.vocab_axis] == self.vocab:
+            return x
+        real, padding = np.split(x, [self.vocab], axis=self.vocab_axis)
+        if np.any(padding):
+            raise ConvertError(f"tensor {_dotted(self.jax)} has nonzero values in its padded rows "
+                               f"past vocab_size {self.vocab}: not a padded vocabulary")
+        return real
+
+    def repadded(self, x, rows: int) -> np.ndarray:
+        """x (any padding) with `rows` rows on its vocabulary axis."""
+        self.check_jax(x)
+        if x.shape[self.vocab_axis] == rows:
+            return x
+        shape = list(x.shape)
+        shape[self.vocab_axis] = rows
+        return _padded(self.trimmed(np.asarray(x)), tuple(shape))
 
 
 TILE = 256  # two 256 x 256 tiles of float32 fit in a core's L2 cache
 
 
-def _transposed(x: np.ndarray) -> np.ndarray:
+def _transposed(x: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """x.T, contiguous, copied a tile at a time: numpy's copy of a large transposed matrix misses
-    the cache on nearly every element and runs two to three times slower, most of a conversion."""
-    out = np.empty(x.shape[::-1], x.dtype)
+    the cache on nearly every element and runs two to three times slower, most of a conversion.
+    A larger `shape` pads the result with zeros."""
+    out = np.empty(x.shape[::-1], x.dtype) if shape is None else np.zeros(shape, x.dtype)
     for i in range(0, x.shape[0], TILE):
         for j in range(0, x.shape[1], TILE):
-            out[j:j + TILE, i:i + TILE] = x[i:i + TILE, j:j + TILE].T
+            block = x[i:i + TILE, j:j + TILE]
+            out[j:j + block.shape[1], i:i + block.shape[0]] = block.T
     return out
 
 
-def tensors(config: ModelConfig) -> list[Tensor]:
-    """Every tensor the config's Llama has, each layer's entries spelled out."""
+def _padded(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """x in the top-left corner of zeros of `shape`."""
+    if x.shape == shape:
+        return np.ascontiguousarray(x)
+    out = np.zeros(shape, x.dtype)
+    out[tuple(slice(0, n) for n in x.shape)] = x
+    return out
+
+
+def tensors(config: ModelConfig, vocab_rows: int | None = None) -> list[Tensor]:
+    """Every tensor the config's Llama has, each layer's entries spelled out; the JAX vocabulary
+    has `vocab_rows` rows (default: padded to VOCAB_MULTIPLE)."""
     c = config
-    sizes = {"V": c.vocab_size, "E": c.hidden_size, "H": c.num_heads, "K": c.num_kv_heads,
-             "D": c.head_dim, "M": c.intermediate_size}
+    rows = padded_vocab_size(c.vocab_size) if vocab_rows is None else vocab_rows
+    if rows < c.vocab_size:
+        raise ConvertError(f"{rows} vocabulary rows cannot hold vocab_size {c.vocab_size}")
+    sizes = {"V": c.vocab_size, "P": rows, "E": c.hidden_size, "H": c.num_heads,
+             "K": c.num_kv_heads, "D": c.head_dim, "M": c.intermediate_size}
 
     def shape(spec):
         return tuple(int(np.prod([sizes[ch] for ch in dim])) for dim in spec.split())
@@ -92,7 +161,9 @@ def tensors(config: ModelConfig) -> list[Tensor]:
             continue
         for i in range(c.num_layers) if "{}" in hf else [None]:
             path = tuple(i if part == "{}" else part for part in jax_path.split("."))
-            out.append(Tensor(hf.format(i), path, shape(hf_spec), shape(jax_spec), transpose))
+            vocab_axis = jax_spec.split().index("P") if "P" in jax_spec else None
+            out.append(Tensor(hf.format(i), path, shape(hf_spec), shape(jax_spec), transpose,
+                              vocab_axis))
     return out
 
 
@@ -109,13 +180,14 @@ def check_hf(hf_tensors: Mapping[str, np.ndarray], config: ModelConfig) -> dict[
 
 
 def hf_to_jax(hf_tensors: Mapping[str, np.ndarray], config: ModelConfig,
-              scan_layers: bool = False) -> dict[str, Any]:
-    """HF name -> array to hammer_jax's nested param dict (`nnx.State.to_pure_dict()` layout).
+              scan_layers: bool = False, vocab_rows: int | None = None) -> dict[str, Any]:
+    """HF name -> array to hammer_jax's nested param dict (`nnx.State.to_pure_dict()` layout),
+    the vocabulary padded to `vocab_rows` (default: to VOCAB_MULTIPLE).
     With `scan_layers` each layer entry is stacked over a leading layer axis. Lazy tensors are
     read one at a time, each dropped once its JAX array is made."""
     hf_tensors = check_hf(hf_tensors, config)
     params: dict[str, Any] = {}
-    for t in tensors(config):
+    for t in tensors(config, vocab_rows):
         _set(params, t.jax, t.to_jax(hf_tensors[t.hf]))
     return layer_layout(params, config, scan_layers)
 
@@ -123,7 +195,7 @@ def hf_to_jax(hf_tensors: Mapping[str, np.ndarray], config: ModelConfig,
 def layer_layout(params: Mapping[str, Any], config: ModelConfig, stacked: bool) -> dict[str, Any]:
     """hammer_jax's nested param dict, stacked or per-layer (keys int or str), with every tensor's
     presence and shape checked, its layers stacked over a leading axis (`scan_layers`) or one
-    int-keyed entry per layer."""
+    int-keyed entry per layer. The vocabulary keeps its padding, whatever it is."""
     params = dict(params)
     layers = params.get("layers", {})
     was_stacked = bool(layers) and not all(str(k).isdigit() for k in layers)
@@ -140,7 +212,7 @@ def layer_layout(params: Mapping[str, Any], config: ModelConfig, stacked: bool) 
     expected = tensors(config)
     _check_names(set(flat), {t.jax for t in expected}, "JAX", name=_dotted)
     for t in expected:
-        _check_shape(_dotted(t.jax), flat[t.jax], t.jax_shape)
+        t.check_jax(flat[t.jax])
     if stacked:
         per_layer = (params["layers"][i] for i in range(config.num_layers))
         params["layers"] = layers if was_stacked else map_leaves(lambda *xs: np.stack(xs), *per_layer)
@@ -158,6 +230,17 @@ def jax_as_hf(params: Mapping[str, Any], config: ModelConfig) -> dict[str, LazyT
     flat = dict(_flatten(layer_layout(params, config, stacked=False)))
     return {t.hf: LazyTensor(t.hf_shape, flat[t.jax].dtype, partial(t.to_hf, flat[t.jax]))
             for t in tensors(config)}
+
+
+def fit_vocab(params: Mapping[str, Any], config: ModelConfig, vocab_rows: int) -> dict[str, Any]:
+    """hammer_jax's nested param dict with the vocabulary (of any padding) padded to `vocab_rows`,
+    e.g. a checkpoint trained on a 2-way tensor axis (256) read on one device (128)."""
+    params = dict(params)
+    for t in tensors(config, vocab_rows):
+        if t.vocab_axis is not None and t.jax[0] in params:
+            module, name = t.jax
+            params[module] = {**params[module], name: t.repadded(params[module][name], vocab_rows)}
+    return params
 
 
 def _drop_tied_head(hf_tensors: dict[str, np.ndarray], config: ModelConfig) -> None:

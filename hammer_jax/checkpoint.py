@@ -16,16 +16,20 @@ from hammer_jax.model import Llama
 def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, **model_options) -> Llama:
     """A Llama from an HF directory (config.json + safetensors/bin) or a hammer JAX directory
     (orbax + config.json), detected. `dtype` is the compute dtype and, unless `param_dtype` is
-    given, the parameter dtype; other options (attention_impl, scan_layers) go to `Llama`."""
+    given, the parameter dtype; other options (attention_impl, scan_layers, vocab_multiple) go
+    to `Llama`."""
     config, params = convert.read_jax_params(path, model_options.get("scan_layers", False))
     model_options.setdefault("param_dtype", dtype)
     return model_from_params(config, params, dtype=dtype, **model_options)
 
 
 def model_from_params(config: ModelConfig, params: Mapping[str, Any], **model_options) -> Llama:
-    """A Llama holding `params` (nested dict in its own layout), built without a random init."""
+    """A Llama holding `params` (nested dict in its own layout), built without a random init.
+    Their vocabulary may have another padding (a run trained on another mesh): it is re-padded
+    to the model's."""
     abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), **model_options))
     graphdef, state = nnx.split(abstract)
+    params = convert.fit_vocab(params, config, abstract.vocab_rows)
     _check_shapes(nnx.to_pure_dict(state), params)
     param_dtype = model_options.get("param_dtype", jnp.float32)
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, param_dtype), params))

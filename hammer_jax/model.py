@@ -8,6 +8,11 @@ flax's `out_sharding` metadata; `hammer_jax.sharding` maps them onto a mesh. RoP
 rotate_half layout, so no q/k permutation exists anywhere. With `scan_layers=True` the decoder
 layers are one module with stacked parameters (leading "layers" axis), run with `nnx.scan`:
 one compiled layer instead of `num_layers`, the usual choice for deep models on TPU.
+
+The embedding and the head hold `padded_vocab_size(vocab_size, vocab_multiple)` rows (MaxText's
+padding: 105789 -> 105856 for 128), so the vocabulary axis divides over the tensor axis of a mesh
+instead of being replicated. The padded rows start at zero and `head` slices them off the logits,
+so they get no gradient and stay zero; nothing outside this module sees them.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from convert.mapping import VOCAB_MULTIPLE, padded_vocab_size
 from hammer.config import ModelConfig
 
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "reference")
@@ -38,18 +44,24 @@ def _init(config: ModelConfig, axes: tuple[str, ...]) -> nnx.Initializer:
                                  eager_sharding=False)
 
 
-def _embedding_init(config: ModelConfig) -> nnx.Initializer:
-    """HF's embedding initializer: normal, with the row of `pad_token_id` zeroed as
-    `nn.Embedding(padding_idx=pad)` leaves it."""
+def _vocab_init(config: ModelConfig, axes: tuple[str, ...]) -> nnx.Initializer:
+    """HF's initializer for the real vocabulary, zeros for the padded rows: the real rows are
+    those of an unpadded model built from the same key. The embedding's row of `pad_token_id` is
+    zeroed as `nn.Embedding(padding_idx=pad)` leaves it."""
     normal = nnx.initializers.normal(config.initializer_range)
+    axis = axes.index("vocab")
 
     def init(key, shape, dtype=jnp.float32):
-        table = normal(key, shape, dtype)
-        if config.pad_token_id is None:
-            return table
-        return table.at[config.pad_token_id].set(0)
+        real = list(shape)
+        real[axis] = config.vocab_size
+        table = normal(key, tuple(real), dtype)
+        if config.pad_token_id is not None and axis == 0:
+            table = table.at[config.pad_token_id].set(0)
+        padding = [(0, 0)] * len(shape)
+        padding[axis] = (0, shape[axis] - config.vocab_size)
+        return jnp.pad(table, padding)
 
-    return nnx.with_partitioning(init, ("vocab", "embed"), eager_sharding=False)
+    return nnx.with_partitioning(init, axes, eager_sharding=False)
 
 
 def default_attention_impl(dtype) -> str:
@@ -200,20 +212,24 @@ class DecoderLayer(nnx.Module):
 
 class Llama(nnx.Module):
     """Token ids [b, s] -> logits [b, s, vocab]. `features` and `head` split the call so a
-    trainer can compute a chunked cross-entropy without materializing all logits at once."""
+    trainer can compute a chunked cross-entropy without materializing all logits at once.
+    `vocab_multiple` pads the embedding and head rows (1: unpadded)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, attention_impl: str | None = None,
-                 scan_layers: bool = False, remat: str = "none"):
+                 scan_layers: bool = False, remat: str = "none",
+                 vocab_multiple: int = VOCAB_MULTIPLE):
         impl = attention_impl or default_attention_impl(dtype)
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl {impl!r} is not one of {ATTENTION_IMPLS}")
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat {remat!r} is not one of {tuple(REMAT_POLICIES)}")
         self.config, self.dtype, self.scan_layers, self.remat = config, dtype, scan_layers, remat
+        self.vocab_rows = padded_vocab_size(config.vocab_size, vocab_multiple)
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **kw,
-                                      embedding_init=_embedding_init(config), rngs=rngs)
+        self.embed_tokens = nnx.Embed(self.vocab_rows, config.hidden_size, **kw,
+                                      embedding_init=_vocab_init(config, ("vocab", "embed")),
+                                      rngs=rngs)
         if scan_layers:
             @nnx.split_rngs(splits=config.num_layers)
             @nnx.vmap(axis_size=config.num_layers, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -226,8 +242,8 @@ class Llama(nnx.Module):
                                     for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
         self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
-            config.hidden_size, config.vocab_size, use_bias=False, **kw,
-            kernel_init=_init(config, ("embed", "vocab")), rngs=rngs)
+            config.hidden_size, self.vocab_rows, use_bias=False, **kw,
+            kernel_init=_vocab_init(config, ("embed", "vocab")), rngs=rngs)
 
     def __call__(self, input_ids):
         return self.head(self.features(input_ids))
@@ -238,10 +254,12 @@ class Llama(nnx.Module):
         return x
 
     def head(self, features):
-        """[..., embed] -> logits [..., vocab] in the compute dtype."""
+        """[..., embed] -> logits [..., vocab] in the compute dtype, the padded rows sliced off."""
         if self.lm_head is None:
-            return self.embed_tokens.attend(features)
-        return self.lm_head(features)
+            logits = self.embed_tokens.attend(features)
+        else:
+            logits = self.lm_head(features)
+        return logits[..., :self.config.vocab_size]
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         c = self.config
