@@ -41,6 +41,16 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     return any((Path(path) / name).is_file() for name in WEIGHT_FILES)
 
 
+def newest_torch_checkpoint(path: Path) -> Path:
+    """A torch training run directory stands for its newest checkpoint (`checkpoints/step_<N>/`,
+    each an HF directory); any other path is itself."""
+    if is_hf_dir(path) or not (path / "checkpoints").is_dir():
+        return path
+    steps = [(int(p.name[5:]), p) for p in (path / "checkpoints").iterdir()
+             if p.name.startswith("step_") and p.name[5:].isdigit() and is_hf_dir(p)]
+    return max(steps)[1] if steps else path
+
+
 def load_hf(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """config.json and every tensor of an HF directory, wrapper prefixes stripped."""
     config, tensors = open_hf(path)
@@ -51,7 +61,7 @@ def open_hf(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, LazyTensor 
     """`load_hf` with each safetensors tensor read from disk only when used (`np.asarray`), and
     then alone (pread, not a memory map whose pages would stay resident); pytorch_model.bin is
     read whole."""
-    path = Path(path)
+    path = newest_torch_checkpoint(Path(path))
     if not path.is_dir():
         raise FileNotFoundError(f"no model directory at {path}")
     config = ModelConfig.from_hf(path)

@@ -445,3 +445,17 @@ def test_jax_params_with_a_wrong_shape_or_a_missing_entry_are_refused_naming_the
                                                    r"has shape \(1, 56, 92\), expected a leading axis of "
                                                    r"num_layers=2"):
         convert.jax_to_hf(stacked, config)
+
+
+def test_a_torch_training_run_directory_reads_as_its_newest_checkpoint(tmp_path):
+    from hammer.config import ModelConfig
+
+    config = ModelConfig(vocab_size=67, hidden_size=16, intermediate_size=24, num_layers=1,
+                         num_heads=2, num_kv_heads=1)
+    run = tmp_path / "run"
+    for step, seed in ((3, 0), (10, 1)):
+        convert.save_hf(run / "checkpoints" / f"step_{step}", config, random_hf_tensors(config, std=0.02, seed=seed))
+    _, newest = convert.read_checkpoint(run)
+    _, step10 = convert.read_checkpoint(run / "checkpoints" / "step_10")
+    assert newest.keys() == step10.keys()
+    assert all(np.array_equal(newest[k], step10[k]) for k in newest)
