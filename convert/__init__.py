@@ -10,8 +10,7 @@ or transforms), which every function here takes as arrays: a conversion streams 
     save_hf(dst, config, tensors, tokenizer=None, dtype=None, generation_config=None,
             max_shard_bytes=5 GiB)
     check_hf(tensors, config) -> {hf_name: array}            exactly the config's tensors, checked
-    hf_to_jax(tensors, config, scan_layers=False, vocab_rows=None) -> params
-                                                             nested dict, nnx pure-dict layout,
+    hf_to_jax(tensors, config, scan_layers=False) -> params  nested dict, nnx pure-dict layout,
                                                              vocabulary padded (VOCAB_MULTIPLE)
     fit_vocab(params, config, vocab_rows) -> params          the vocabulary re-padded
     jax_to_hf(params, config) -> {hf_name: array}            per-layer or stacked params

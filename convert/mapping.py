@@ -39,8 +39,8 @@ def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
 
 
 # Shapes use one letter per size: V vocab, P padded vocab, E hidden, H heads, K kv heads, D head
-# dim, M mlp; "HD" is H*D. Transposed tensors are HF's [out, in] Linear weights, stored [in, out] in JAX and
-# then reshaped so heads keep their own axis. `{}` is the layer index.
+# dim, M mlp; "HD" is H*D. Transposed tensors are HF's [out, in] Linear weights, stored [in, out]
+# in JAX and then reshaped so heads keep their own axis. `{}` is the layer index.
 #   HF name                                      JAX path                       HF      JAX    transpose
 TABLE = (
     ("model.embed_tokens.weight",                "embed_tokens.embedding",      "V E",  "P E",   False),
@@ -180,14 +180,14 @@ def check_hf(hf_tensors: Mapping[str, np.ndarray], config: ModelConfig) -> dict[
 
 
 def hf_to_jax(hf_tensors: Mapping[str, np.ndarray], config: ModelConfig,
-              scan_layers: bool = False, vocab_rows: int | None = None) -> dict[str, Any]:
+              scan_layers: bool = False) -> dict[str, Any]:
     """HF name -> array to hammer_jax's nested param dict (`nnx.State.to_pure_dict()` layout),
-    the vocabulary padded to `vocab_rows` (default: to VOCAB_MULTIPLE).
+    the vocabulary padded to VOCAB_MULTIPLE (`fit_vocab` pads it otherwise).
     With `scan_layers` each layer entry is stacked over a leading layer axis. Lazy tensors are
     read one at a time, each dropped once its JAX array is made."""
     hf_tensors = check_hf(hf_tensors, config)
     params: dict[str, Any] = {}
-    for t in tensors(config, vocab_rows):
+    for t in tensors(config):
         _set(params, t.jax, t.to_jax(hf_tensors[t.hf]))
     return layer_layout(params, config, scan_layers)
 
