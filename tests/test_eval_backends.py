@@ -55,11 +55,10 @@ def test_hammer_eval_runs_on_every_backend_with_the_numbers_of_transformers(
     import json
 
     files = write_domain_files(tmp_path)
-    out = tmp_path / f"{backend}.json"
-    assert main(["eval", "--model", str(tiny_model_dir), "--backend", backend, "--json", str(out),
-                 "--data", *(f"{n}={f}" for n, f in files.items())]) == 0
     capsys.readouterr()
-    report = json.loads(out.read_text())
+    assert main(["eval", "--model", str(tiny_model_dir), "--backend", backend, "--json",
+                 "--data", *(f"{n}={f}" for n, f in files.items())]) == 0
+    report = json.loads(capsys.readouterr().out)  # --json: the report is the whole of stdout
     expected = harness.evaluate(scorers["hf"], Tokenizer.from_pretrained(tiny_model_dir),
                                 {n: read_documents(f) for n, f in files.items()})
     for name in files:

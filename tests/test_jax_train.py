@@ -49,7 +49,8 @@ def test_loss_falls_and_every_record_is_written(uninterrupted):
     assert [r["step"] for r in evals] == [4, 8, 12]
     assert evals[-1]["domains"]["valid"]["loss"] < evals[0]["domains"]["valid"]["loss"]
     assert evals[0]["domains"]["valid"]["ppl"] == pytest.approx(np.exp(evals[0]["domains"]["valid"]["loss"]))
-    assert "replicated" in result.stderr and "vocab 259 over tensor 2" in result.stderr
+    # The odd vocabulary (259) is padded to 128 x the tensor axis, so tensor=2 splits it too.
+    assert "replicated" not in result.stderr, result.stderr[-2000:]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["12", "4", "8"]
 
 

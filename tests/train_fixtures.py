@@ -7,8 +7,8 @@ validation set, a TOML training config, and helpers that run `hammer train` in a
     proc = start_train(config, devices=1)            # Popen, for kill/SIGTERM tests
 
 The model is small enough to train a step in milliseconds on a CPU (hidden 64, 2 layers, vocab 259 of
-the byte tokenizer, blocks of 32 tokens); its dims are all distinct, and the vocabulary is odd so the
-tensor axis cannot split it.
+the byte tokenizer, blocks of 32 tokens); its dims are all distinct, and the vocabulary is odd (the JAX
+model pads it to a multiple of 128 x the tensor axis).
 """
 from __future__ import annotations
 
