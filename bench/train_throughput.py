@@ -53,8 +53,8 @@ def jax_trainer(args, config: ModelConfig) -> dict:
     from hammer.train_config import MeshConfig, TrainConfig
     from hammer_jax.model import Llama
     from hammer_jax.optimizer import learning_rate_schedule, make_optimizer
-    from hammer_jax.sharding import make_mesh, model_shardings
-    from hammer_jax.train_step import batch_sharding, init_state, make_train_step, state_shardings
+    from hammer_jax.sharding import make_mesh
+    from hammer_jax.train_step import batch_sharding, fresh_state, make_train_step
 
     train = TrainConfig(model=args.model, data=("-",), output="-", steps=1000, batch_size=args.batch,
                         dtype=args.dtype, remat=args.remat, loss_chunk=args.loss_chunk,
@@ -63,13 +63,9 @@ def jax_trainer(args, config: ModelConfig) -> dict:
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     make = lambda: Llama(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.float32,  # noqa: E731
                          remat=args.remat, scan_layers=args.scan_layers)
-    abstract = nnx.eval_shape(make)
-    graphdef, _ = nnx.split(abstract)
-    param_shardings = nnx.to_pure_dict(model_shardings(abstract, mesh))
     tx = make_optimizer(train)
-    shardings = state_shardings(param_shardings, tx, mesh)
-    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())), out_shardings=param_shardings)()
-    state = [init_state(params, tx, shardings)]
+    graphdef, shardings, initial = fresh_state(make, tx, mesh)
+    state = [initial]
     step_fn = make_train_step(graphdef, tx, learning_rate_schedule(train), shardings, mesh,
                               grad_accum=1, loss_chunk=args.loss_chunk)
 

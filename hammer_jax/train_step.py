@@ -57,6 +57,20 @@ def init_state(params, tx: optax.GradientTransformation, shardings: TrainState) 
     return TrainState(step=step, params=params, opt_state=opt_state)
 
 
+def fresh_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation,
+                mesh: Mesh) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """(graphdef, state shardings, state) of `make_model()` initialized directly in its shards on
+    `mesh`, with the optimizer state of `tx`: what a run that starts from scratch holds."""
+    from hammer_jax.sharding import model_shardings
+
+    abstract = nnx.eval_shape(make_model)
+    graphdef, _ = nnx.split(abstract)
+    param_shardings = nnx.to_pure_dict(model_shardings(abstract, mesh))
+    shardings = state_shardings(param_shardings, tx, mesh)
+    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make_model())), out_shardings=param_shardings)()
+    return graphdef, shardings, init_state(params, tx, shardings)
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: Callable, shardings: TrainState, mesh: Mesh, *, grad_accum: int,
                     loss_chunk: int) -> Callable:

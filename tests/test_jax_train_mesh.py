@@ -23,8 +23,8 @@ from hammer.config import ModelConfig
 from hammer.train_config import TrainConfig
 from hammer_jax.model import Llama
 from hammer_jax.optimizer import learning_rate_schedule, make_optimizer
-from hammer_jax.sharding import MESH_AXES, model_shardings
-from hammer_jax.train_step import batch_sharding, init_state, make_train_step, state_shardings
+from hammer_jax.sharding import MESH_AXES
+from hammer_jax.train_step import batch_sharding, fresh_state, make_train_step
 from tests.train_fixtures import MODEL
 
 model_config = ModelConfig.from_hf(MODEL)
@@ -36,13 +36,8 @@ batches = [rng.integers(0, 259, (8, 32)).astype(np.int32) for _ in range(3)]
 def run(shape, grad_accum, devices):
     mesh = Mesh(np.array(devices).reshape(shape), MESH_AXES)
     make = lambda: Llama(model_config, rngs=nnx.Rngs(0))
-    abstract = nnx.eval_shape(make)
-    graphdef, _ = nnx.split(abstract)
-    param_shardings = nnx.to_pure_dict(model_shardings(abstract, mesh))
     tx = make_optimizer(config)
-    shardings = state_shardings(param_shardings, tx, mesh)
-    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())), out_shardings=param_shardings)()
-    state = init_state(params, tx, shardings)
+    graphdef, shardings, state = fresh_state(make, tx, mesh)
     step = make_train_step(graphdef, tx, learning_rate_schedule(config), shardings, mesh,
                            grad_accum=grad_accum, loss_chunk=16)
     out = []
