@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from hammer.errors import HammerError
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     import sentencepiece
 
     sentencepiece.set_min_log_level(2)
+    # orbax logs a warning through absl each time a training checkpoint's params item is read on
+    # its own (its metadata file lives one level up, in the step directory): noise for a reader.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         return args.func(args) or 0
     except (HammerError, OSError) as e:  # bad input a user can fix: one line, no traceback

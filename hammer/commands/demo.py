@@ -20,8 +20,8 @@ def register(subparsers) -> None:
     p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer vocabulary (default 8192)")
     p.add_argument("--config", type=Path, default=DEMO_MODEL,
                    help="model config.json; its vocab_size is set to the tokenizer's (default configs/demo.json)")
-    p.add_argument("--steps", type=int, default=300,
-                   help="optimizer steps of the JAX training run (default 300)")
+    p.add_argument("--steps", type=int, default=250,
+                   help="optimizer steps of the JAX training run (default 250)")
     p.add_argument("--torch-steps", type=int, default=20,
                    help="steps of the torch-trainer run that follows the JAX run's first steps (default 20)")
     p.add_argument("--seed", type=int, default=3407)
