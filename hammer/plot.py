@@ -18,7 +18,7 @@ from hammer.metrics import read_metrics
 from hammer.run import RUN_FILE
 
 
-def run_label(run_dir: Path) -> str:
+def _run_label(run_dir: Path) -> str:
     run_file = run_dir / RUN_FILE
     backend = json.loads(run_file.read_text())["config"]["backend"] if run_file.is_file() else "?"
     return f"{run_dir.name} ({backend})"
@@ -38,7 +38,7 @@ def draw(run_dirs: Sequence[str | os.PathLike]):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    runs = [(run_label(Path(d)), read_metrics(d)) for d in run_dirs]
+    runs = [(_run_label(Path(d)), read_metrics(d)) for d in run_dirs]
     if not any(records for _, records in runs):
         raise HammerError(f"no metrics recorded yet in {', '.join(map(str, run_dirs))}")
     fig = Figure(figsize=(12, 8), layout="constrained")
