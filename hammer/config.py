@@ -191,6 +191,11 @@ class ModelConfig:
         """Writes config.json into directory `path`."""
         (Path(path) / "config.json").write_text(json.dumps(self.to_hf(dtype), indent=2) + "\n")
 
+    def differences(self, other: "ModelConfig") -> list[tuple[str, Any, Any]]:
+        """(field, this value, other's value) of every field where the two configs differ."""
+        return [(f.name, getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(other, f.name)]
+
     def replace(self, **changes: Any) -> "ModelConfig":
         if "hidden_size" in changes or "num_heads" in changes:
             changes.setdefault("head_dim", 0)

@@ -47,6 +47,11 @@ def mfu(flops_per_token: float, tokens_per_s: float, devices: int, peak: float |
     return flops_per_token * tokens_per_s / (devices * peak)
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped where a float64 would overflow (a diverging model's eval must not crash)."""
+    return math.exp(min(loss, 700.0))
+
+
 class DivergedError(HammerError):
     """A non-finite loss or gradient norm: the run stops before saving anything after it."""
 
@@ -57,6 +62,33 @@ def check_finite(step: int, **values: float) -> None:
     if bad:
         raise DivergedError(f"step {step}: non-finite {', '.join(f'{k} = {v}' for k, v in bad.items())}; "
                                  f"the run stops here and nothing after the last checkpoint is saved")
+
+
+class TrainMeter:
+    """The train record of the steps since the previous one, the same on both backends: mean
+    loss, the last update's lr and grad norm, tokens so far, speed (step time excludes data
+    loading, logging, evaluation and checkpoints) and MFU."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, devices: int, peak: float | None):
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.devices, self.peak = devices, peak
+        self.losses, self.seconds, self.last = [], 0.0, {}
+
+    def add(self, loss: float, seconds: float, lr: float, grad_norm: float) -> None:
+        self.losses.append(loss)
+        self.seconds += seconds
+        self.last = {"lr": lr, "grad_norm": grad_norm}
+
+    def record(self, step: int) -> dict[str, Any]:
+        steps = len(self.losses)
+        tokens_per_s = steps * self.tokens_per_step / self.seconds
+        record = {"step": step, "kind": "train", "loss": sum(self.losses) / steps, **self.last,
+                  "tokens": step * self.tokens_per_step, "tokens_per_s": tokens_per_s,
+                  "tokens_per_s_per_device": tokens_per_s / self.devices,
+                  "step_time": self.seconds / steps,
+                  "mfu": mfu(self.flops_per_token, tokens_per_s, self.devices, self.peak)}
+        self.losses, self.seconds = [], 0.0
+        return record
 
 
 class MetricsLog:

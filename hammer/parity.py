@@ -151,8 +151,7 @@ def read_config(directories: list[Path]) -> ModelConfig:
     configs = [ModelConfig.from_hf(d) for d in directories]
     for d, config in zip(directories[1:], configs[1:]):
         if config != configs[0]:
-            differ = [f"{f.name} {getattr(configs[0], f.name)!r} vs {getattr(config, f.name)!r}"
-                      for f in dataclasses.fields(config) if getattr(configs[0], f.name) != getattr(config, f.name)]
+            differ = [f"{name} {a!r} vs {b!r}" for name, a, b in configs[0].differences(config)]
             raise ParityError(f"{directories[0]} and {d} hold different models: {'; '.join(differ)}")
     return configs[0]
 

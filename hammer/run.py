@@ -9,13 +9,18 @@ command resumes the same run.
 
 A rerun may change how steps are computed (mesh, remat, kernels, logging, checkpoint cadence) and
 raise `steps`; anything that changes what the run computes is refused, naming the keys.
+
+Also what both trainers do before and around a run: check their inputs against the model and each
+other (`check_inputs`, `check_init`) and turn SIGTERM into a flag the loop reads (`sigterm_flag`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Mapping
 
 from hammer.config import ConfigError, ModelConfig
 from hammer.data.prepare import INDEX_FILE
@@ -68,3 +73,54 @@ def open_run(config: TrainConfig, model: ModelConfig, data: dict[str, Any], *, w
         with atomic_file(file) as f:
             f.write(json.dumps(record, indent=2) + "\n")
     return run
+
+
+def check_inputs(config: TrainConfig, model: ModelConfig, mixture, validation: Mapping[str, Any]):
+    """Checks what both trainers read against the model and each other, before any run directory
+    exists; returns the `tokenizer` of the config (None when unset), the one the data was made with."""
+    fingerprint = mixture.datasets[0].fingerprint
+    for key, datasets in (("data", mixture.datasets), ("validation", validation.values())):
+        for ds in datasets:
+            vocab = ds.metadata["settings"]["tokenizer"]["vocab_size"]
+            if vocab > model.vocab_size:
+                raise ConfigError(f"{key}: {ds.path} holds ids of a {vocab}-token vocabulary; the "
+                                  f"model's vocab_size is {model.vocab_size}")
+            if ds.block_size > model.max_position_embeddings:
+                raise ConfigError(f"{key}: {ds.path} has blocks of {ds.block_size} tokens, more than "
+                                  f"the model's max_position_embeddings {model.max_position_embeddings}")
+    for name, ds in validation.items():
+        if ds.fingerprint != fingerprint:
+            raise ConfigError(f"validation.{name}: {ds.path} was made with another tokenizer "
+                              f"({ds.fingerprint}) than the training data ({fingerprint})")
+        if len(ds) < config.eval_batch_size:
+            raise ConfigError(f"validation.{name}: {ds.path} has {len(ds)} blocks, fewer than "
+                              f"eval_batch_size {config.eval_batch_size}")
+    if not config.tokenizer:
+        return None
+    from hammer.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(config.tokenizer)
+    if tokenizer.fingerprint != fingerprint:
+        raise ConfigError(f"tokenizer {config.tokenizer} is not the one the data was prepared with "
+                          f"({tokenizer.fingerprint} vs {fingerprint})")
+    return tokenizer
+
+
+
+def check_init(init: str, theirs: ModelConfig, model: ModelConfig) -> None:
+    """Refuses an `init` checkpoint (config `theirs`) of another model than the run's, naming
+    every field that differs."""
+    differ = [f"{name} {there!r} there, {here!r} here" for name, there, here in theirs.differences(model)]
+    if differ:
+        raise ConfigError(f"init {init} holds another model than the run's: {', '.join(differ)}")
+
+@contextlib.contextmanager
+def sigterm_flag() -> Iterator[Callable[[], bool]]:
+    """While inside, SIGTERM (a preemption) only raises a flag, read by calling the yielded
+    function: the loop finishes its step, saves a checkpoint and returns normally (exit 0)."""
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: received.append(True))
+    try:
+        yield lambda: bool(received)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -16,23 +16,21 @@ filesystem every host sees.
 """
 from __future__ import annotations
 
-import math
-import signal
+import contextlib
 import sys
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
 import convert
 from hammer.config import ConfigError, ModelConfig
 from hammer.data.loader import Loader, LoaderState, eval_batches, mixture_from_specs, validation_sets
-from hammer.metrics import MetricsLog, check_finite, mfu, peak_flops
-from hammer.run import data_fingerprint, open_run
+from hammer.metrics import MetricsLog, TrainMeter, check_finite, peak_flops, perplexity
+from hammer.run import check_init, check_inputs, data_fingerprint, open_run, sigterm_flag
 from hammer.train_config import TrainConfig
 from hammer_jax.checkpoint import model_from_params
 from hammer_jax.distributed import BatchPlacer, any_process, join, sync
@@ -40,8 +38,14 @@ from hammer_jax.model import ATTENTION_IMPLS, Llama
 from hammer_jax.optimizer import learning_rate_schedule, make_optimizer
 from hammer_jax.sharding import make_mesh, model_shardings
 from hammer_jax.train_checkpoint import TrainCheckpoints, abstract_state
-from hammer_jax.train_step import (TrainState, batch_shards, init_state,
-                                   make_eval_step, make_train_step, state_shardings)
+from hammer_jax.train_step import (
+    TrainState,
+    batch_shards,
+    init_state,
+    make_eval_step,
+    make_train_step,
+    state_shardings,
+)
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -55,18 +59,21 @@ def train(config: TrainConfig) -> Path:
     mesh = make_mesh(config.mesh)
     _check_batch_layout(config, batch_shards(mesh))
     mixture = mixture_from_specs(config.data)
-    _check_data(model_config, mixture.datasets, "data")
     validation = validation_sets(dict(config.validation)) if config.validation else {}
-    _check_validation(config, mixture, validation, batch_shards(mesh))
-    tokenizer = _tokenizer(config, mixture)
+    if validation and config.eval_batch_size % batch_shards(mesh):
+        raise ConfigError(f"eval_batch_size {config.eval_batch_size} cannot be split over the "
+                          f"mesh's {batch_shards(mesh)} data-parallel devices; make it a multiple "
+                          f"of {batch_shards(mesh)}")
+    tokenizer = check_inputs(config, model_config, mixture, validation)
+    fingerprint = data_fingerprint(mixture)  # hashes every dataset's index: once a run
     if config.init:
-        _check_init(config.init, model_config)
+        _check_init_dir(config.init, model_config)
     # every process refuses a run it cannot resume (the same one-line error everywhere), then
     # process 0 alone writes
-    run_dir = open_run(config, model_config, data_fingerprint(mixture), write=False)
+    run_dir = open_run(config, model_config, fingerprint, write=False)
     sync("hammer: run directory checked")
     if primary:
-        open_run(config, model_config, data_fingerprint(mixture))
+        open_run(config, model_config, fingerprint)
         _write_model_files(run_dir, model_config, tokenizer)
     sync("hammer: run directory open")
     # A run's padded vocabulary is fixed when it starts (128 x the tensor axis, so each shard
@@ -111,22 +118,33 @@ def train(config: TrainConfig) -> Path:
     step_fn = step_fn.lower(state, to_device(loader.batch(loader.step))).compile()
     compile_time = time.perf_counter() - compile_start
 
-    meter = _Meter(config, model_config, mixture.block_size, compile_time)
-    preempted = _SigtermFlag()
+    meter = TrainMeter(config.batch_size * mixture.block_size,
+                       model_config.flops_per_token(mixture.block_size), jax.device_count(),
+                       peak_flops(jax.local_devices()[0].device_kind, config.peak_flops))
     metrics = MetricsLog(run_dir, start, tensorboard=config.tensorboard) if primary else None
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", file=sys.stderr,
                dynamic_ncols=True, mininterval=1.0, disable=not primary)
-    try:
+    with sigterm_flag() as preempted, contextlib.ExitStack() as closing:
+        closing.callback(bar.close)
+        closing.callback(checkpoints.close)
+        closing.callback(checkpoints.wait)  # a save already started is of a good step: let it finish
+        if primary:
+            closing.enter_context(metrics)
         for done in range(start + 1, config.steps + 1):
             batch = to_device(next(loader))
             began = time.perf_counter()
             state, out = step_fn(state, batch)
             out = {k: float(v) for k, v in jax.device_get(out).items()}
-            meter.add(out, time.perf_counter() - began)
+            meter.add(out["loss"], time.perf_counter() - began, out["lr"], out["grad_norm"])
             check_finite(done, loss=out["loss"], grad_norm=out["grad_norm"])
             bar.update()
             if done % config.log_every == 0 or done == config.steps:
                 record = meter.record(done)
+                if compile_time is not None:  # the first record of this process says it
+                    record["compile_time"], compile_time = compile_time, None
+                stats = jax.local_devices()[0].memory_stats() or {}
+                if "peak_bytes_in_use" in stats:
+                    record["peak_memory_gb"] = stats["peak_bytes_in_use"] / 2**30
                 if primary:
                     metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
@@ -134,22 +152,15 @@ def train(config: TrainConfig) -> Path:
                 record = _evaluate(eval_fn, state.params, validation, config, done, mesh)
                 if primary:
                     metrics.write(record)
-            stop = any_process(preempted.flag)  # a SIGTERM on any host: all save this step and stop
+            stop = any_process(preempted())  # a SIGTERM on any host: all save this step and stop
             if done % config.checkpoint_every == 0 or done == config.steps or stop:
                 checkpoints.save(state, {"step": done, "loader": loader.state.to_dict(),
-                                         "seed": config.seed, "data": data_fingerprint(mixture)})
+                                         "seed": config.seed, "data": fingerprint})
             if stop:
                 if primary:
                     print(f"SIGTERM: saved step {done} in {checkpoints.directory}; rerun the same "
                           f"command to resume", file=sys.stderr)
                 break
-    finally:
-        bar.close()
-        preempted.restore()
-        checkpoints.wait()  # a save already started is of a good step: let it finish
-        checkpoints.close()
-        if primary:
-            metrics.close()
     return run_dir
 
 
@@ -169,44 +180,7 @@ def _check_batch_layout(config: TrainConfig, shards: int) -> None:
                           f"devices (mesh.data x mesh.fsdp); make it a multiple of {shards}")
 
 
-def _check_data(model: ModelConfig, datasets, key: str) -> None:
-    for ds in datasets:
-        vocab = ds.metadata["settings"]["tokenizer"]["vocab_size"]
-        if vocab > model.vocab_size:
-            raise ConfigError(f"{key}: {ds.path} holds ids of a {vocab}-token vocabulary; the "
-                              f"model's vocab_size is {model.vocab_size}")
-        if ds.block_size > model.max_position_embeddings:
-            raise ConfigError(f"{key}: {ds.path} has blocks of {ds.block_size} tokens, more than "
-                              f"the model's max_position_embeddings {model.max_position_embeddings}")
-
-
-def _check_validation(config: TrainConfig, mixture, validation, shards: int) -> None:
-    _check_data(config.model_config(), validation.values(), "validation")
-    if validation and config.eval_batch_size % shards:
-        raise ConfigError(f"eval_batch_size {config.eval_batch_size} cannot be split over the "
-                          f"mesh's {shards} data-parallel devices; make it a multiple of {shards}")
-    for name, ds in validation.items():
-        if ds.fingerprint != mixture.datasets[0].fingerprint:
-            raise ConfigError(f"validation.{name}: {ds.path} was made with another tokenizer "
-                              f"({ds.fingerprint}) than the training data ({mixture.datasets[0].fingerprint})")
-        if len(ds) < config.eval_batch_size:
-            raise ConfigError(f"validation.{name}: {ds.path} has {len(ds)} blocks, fewer than "
-                              f"eval_batch_size {config.eval_batch_size}")
-
-
-def _tokenizer(config: TrainConfig, mixture):
-    if not config.tokenizer:
-        return None
-    from hammer.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.from_pretrained(config.tokenizer)
-    if tokenizer.fingerprint != mixture.datasets[0].fingerprint:
-        raise ConfigError(f"tokenizer {config.tokenizer} is not the one the data was prepared with "
-                          f"({tokenizer.fingerprint} vs {mixture.datasets[0].fingerprint})")
-    return tokenizer
-
-
-def _check_init(path: str, model: ModelConfig) -> None:
+def _check_init_dir(path: str, model: ModelConfig) -> None:
     if convert.is_jax_dir(path):
         config_dir = convert.locate_jax(path)[0]
     elif convert.is_hf_dir(path):
@@ -214,10 +188,7 @@ def _check_init(path: str, model: ModelConfig) -> None:
     else:
         raise ConfigError(f"init = {path!r} is not an HF directory, a hammer JAX directory or a "
                           f"JAX training checkpoint (run directory or step)")
-    theirs = ModelConfig.from_hf(config_dir)
-    if theirs != model:
-        raise ConfigError(f"init = {path!r} is another architecture than model = {model!r}: "
-                          f"{theirs} vs {model}")
+    check_init(path, ModelConfig.from_hf(config_dir), model)
 
 
 def _init_params(path: str, model: ModelConfig, options: dict, shardings):
@@ -248,54 +219,5 @@ def _evaluate(eval_fn, params, validation, config: TrainConfig, step: int, mesh)
             total += float(eval_fn(params, place(rows)))
             tokens += config.eval_batch_size * (ds.block_size - 1)
         loss = total / tokens
-        domains[name] = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": tokens}
+        domains[name] = {"loss": loss, "ppl": perplexity(loss), "tokens": tokens}
     return {"step": step, "kind": "eval", "domains": domains}
-
-
-class _Meter:
-    """The train record of the steps since the previous one: mean loss, speed, MFU, memory."""
-
-    def __init__(self, config: TrainConfig, model: ModelConfig, block_size: int, compile_time: float):
-        self.tokens_per_step = config.batch_size * block_size
-        self.flops_per_token = model.flops_per_token(block_size)
-        self.devices = jax.devices()
-        self.local_device = jax.local_devices()[0]
-        self.peak = peak_flops(self.local_device.device_kind, config.peak_flops)
-        self.compile_time = compile_time
-        self.losses, self.seconds, self.last = [], 0.0, {}
-
-    def add(self, out: dict, seconds: float) -> None:
-        self.losses.append(out["loss"])
-        self.seconds += seconds
-        self.last = out
-
-    def record(self, step: int) -> dict:
-        steps = len(self.losses)
-        tokens_per_s = steps * self.tokens_per_step / self.seconds
-        record = {"step": step, "kind": "train", "loss": sum(self.losses) / steps,
-                  "lr": self.last["lr"], "grad_norm": self.last["grad_norm"],
-                  "tokens": step * self.tokens_per_step, "tokens_per_s": tokens_per_s,
-                  "tokens_per_s_per_device": tokens_per_s / len(self.devices),
-                  "step_time": self.seconds / steps,
-                  "mfu": mfu(self.flops_per_token, tokens_per_s, len(self.devices), self.peak)}
-        if self.compile_time is not None:
-            record["compile_time"], self.compile_time = self.compile_time, None
-        stats = self.local_device.memory_stats() or {}
-        if "peak_bytes_in_use" in stats:
-            record["peak_memory_gb"] = stats["peak_bytes_in_use"] / 2**30
-        self.losses, self.seconds = [], 0.0
-        return record
-
-
-class _SigtermFlag:
-    """Set by SIGTERM (preemption): the loop saves at the end of the step it is in and exits 0."""
-
-    def __init__(self):
-        self.flag = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.flag = True
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)

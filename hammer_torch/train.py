@@ -19,13 +19,9 @@ evaluation, checkpoints (`hammer_torch.train_checkpoint`), SIGTERM.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
-import signal
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -34,8 +30,8 @@ from tqdm import tqdm
 
 from hammer.config import ConfigError, ModelConfig
 from hammer.data.loader import Loader, LoaderState, eval_batches, mixture_from_specs, validation_sets
-from hammer.metrics import MetricsLog, check_finite, mfu, peak_flops
-from hammer.run import CHECKPOINTS_DIR, data_fingerprint, open_run
+from hammer.metrics import MetricsLog, TrainMeter, check_finite, peak_flops, perplexity
+from hammer.run import CHECKPOINTS_DIR, check_init, check_inputs, data_fingerprint, open_run, sigterm_flag
 from hammer.train_config import TrainConfig
 from hammer_torch import train_checkpoint, train_step
 from hammer_torch.checkpoint import from_tensors
@@ -53,7 +49,7 @@ def train(config: TrainConfig) -> Path:
     model_config = config.model_config()
     mixture = mixture_from_specs(config.data)
     validation = validation_sets(config.validation) if config.validation else {}
-    tokenizer = _tokenizer(config)  # saved with every checkpoint
+    tokenizer = check_inputs(config, model_config, mixture, validation)  # saved with every checkpoint
     with train_step.process_group() as device:
         rank, world = dist.get_rank(), dist.get_world_size()
         config.mesh.resolve(world)  # any data x fsdp sizes that multiply to the world size
@@ -79,72 +75,61 @@ def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture
     checkpoints = run_dir / CHECKPOINTS_DIR
     resumed = train_checkpoint.restore(checkpoints, model_config, model, optimizer, scheduler)
     step = resumed.step if resumed else 0
-    tokens = resumed.tokens if resumed else 0
     loader = Loader(mixture, config.batch_size, seed=config.seed, step=step,
                     process_index=rank, process_count=world)
     if resumed:
         loader.restore(LoaderState.from_dict(resumed.loader))
         if rank == 0:
             print(f"resuming {run_dir} from step {step}", file=sys.stderr)
-    tokens_per_step = config.batch_size * mixture.block_size
-    flops_per_token = model_config.flops_per_token(mixture.block_size)
-    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                      config.peak_flops)
+    meter = TrainMeter(config.batch_size * mixture.block_size,
+                       model_config.flops_per_token(mixture.block_size), world,
+                       peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                                  config.peak_flops))
 
     metrics = MetricsLog(run_dir, step, tensorboard=config.tensorboard) if rank == 0 else None
     progress = tqdm(total=config.steps, initial=step, disable=rank != 0, desc="train", unit="step",
                     file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
-    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with _sigterm_flag() as sigterm, contextlib.ExitStack() as closing:
+    with sigterm_flag() as sigterm, contextlib.ExitStack() as closing:
         if metrics is not None:
             closing.enter_context(metrics)
         closing.callback(progress.close)
         while step < config.steps:
             rows = torch.from_numpy(next(loader).astype(np.int64)).to(device)
+            began = time.perf_counter()
             rank_loss, grad_norm, lr = step_fn(rows)
             # One all-reduce: the step's mean loss over every rank and whether any rank got SIGTERM.
             shared = torch.stack([rank_loss, torch.tensor(float(sigterm()), dtype=torch.float64,
                                                            device=device)])
             dist.all_reduce(shared)
             step_loss, stop = shared[0].item() / world, shared[1].item() > 0
-            check_finite(step + 1, loss=step_loss, grad_norm=grad_norm.item())
-            step, tokens = step + 1, tokens + tokens_per_step
-            window_loss, window_steps = window_loss + step_loss, window_steps + 1
+            grad_norm = grad_norm.item()
+            check_finite(step + 1, loss=step_loss, grad_norm=grad_norm)
+            meter.add(step_loss, time.perf_counter() - began, lr, grad_norm)
+            step += 1
             progress.update()
 
             if step % config.log_every == 0 or step == config.steps or stop:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_steps * tokens_per_step / elapsed
-                record = {"step": step, "kind": "train", "loss": window_loss / window_steps, "lr": lr,
-                          "grad_norm": grad_norm.item(), "tokens": tokens, "tokens_per_s": tokens_per_s,
-                          "tokens_per_s_per_device": tokens_per_s / world,
-                          "step_time": elapsed / window_steps,
-                          "mfu": mfu(flops_per_token, tokens_per_s, world, peak)}
+                record = meter.record(step)
                 if device.type == "cuda":
                     record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if metrics is not None:
                     metrics.write(record)
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-                window_loss, window_steps = 0.0, 0
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             if validation and config.eval_every and step % config.eval_every == 0:
                 domains = _evaluate(step_fn.loss_module, validation, config, step_fn.autocast, device)
                 if metrics is not None:
                     metrics.write({"step": step, "kind": "eval", "domains": domains})
             if step % config.checkpoint_every == 0 or step == config.steps or stop:
                 train_checkpoint.save(checkpoints, train_checkpoint.TrainerState(
-                    step, tokens, loader.state.to_dict()), model, optimizer, scheduler,
+                    step, loader.state.to_dict()), model, optimizer, scheduler,
                     config.keep_checkpoints, tokenizer)
             if stop:
                 if rank == 0:
                     print(f"SIGTERM: saved step {step} in {checkpoints}; rerun the same command to "
                           f"resume", file=sys.stderr)
                 break
-            if not window_steps:  # a new logging window starts after the eval and the save
-                window_start = time.perf_counter()
     return run_dir
 
 
@@ -157,12 +142,7 @@ def _initial_model(config: TrainConfig, model_config: ModelConfig) -> Llama:
     import convert
 
     init_config, tensors = convert.read_checkpoint(config.init)
-    differ = {f.name: (getattr(init_config, f.name), getattr(model_config, f.name))
-              for f in dataclasses.fields(model_config)
-              if getattr(init_config, f.name) != getattr(model_config, f.name)}
-    if differ:
-        raise ConfigError(f"init {config.init} holds another model than {config.model}: "
-                          + ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in differ.items()))
+    check_init(config.init, init_config, model_config)
     model = from_tensors(model_config, convert.check_hf(tensors, model_config), torch.float32,
                          config.attention_impl)
     return model.train()
@@ -190,26 +170,6 @@ def _evaluate(loss_module: CausalLMLoss, validation, config: TrainConfig, autoca
                                                                           device=device)])
         dist.all_reduce(total)
         loss = (total[0] / total[1]).item()
-        domains[name] = {"loss": loss, "ppl": math.exp(loss), "tokens": int(total[1].item())}
+        domains[name] = {"loss": loss, "ppl": perplexity(loss), "tokens": int(total[1].item())}
     loss_module.train()
     return domains
-
-
-def _tokenizer(config: TrainConfig):
-    if not config.tokenizer:
-        return None
-    from hammer.tokenizer import Tokenizer
-
-    return Tokenizer.from_pretrained(config.tokenizer)
-
-
-@contextlib.contextmanager
-def _sigterm_flag():
-    """While inside, SIGTERM only raises a flag (read by calling the yielded function): the loop
-    finishes its step, saves a checkpoint and returns normally."""
-    received = []
-    previous = signal.signal(signal.SIGTERM, lambda *_: received.append(True))
-    try:
-        yield lambda: bool(received)
-    finally:
-        signal.signal(signal.SIGTERM, previous)

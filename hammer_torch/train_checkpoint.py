@@ -6,7 +6,7 @@ that resumes the run exactly.
                                                                  `hammer convert/eval/generate` and a
                                                                  JAX run's `init` read them as they are
         optimizer.pt      AdamW's state consolidated from the ZeRO-1 shards, and the LR scheduler's
-        trainer.json      step, tokens, loader state (seed, step), world size
+        trainer.json      step, loader state (seed, step), world size
         rng.pt            the torch (and CUDA) RNG state of every rank
 
 A directory is written under a temporary name and renamed when complete (hammer.fsio), so a kill
@@ -42,7 +42,6 @@ class CheckpointError(HammerError):
 @dataclass(frozen=True)
 class TrainerState:
     step: int  # optimizer steps completed
-    tokens: int  # tokens trained on so far
     loader: dict[str, int]  # LoaderState.to_dict()
 
 
@@ -77,7 +76,7 @@ def save(directory: Path, state: TrainerState, model: torch.nn.Module, optimizer
                        tmp / OPTIMIZER_FILE)
             torch.save(rngs, tmp / RNG_FILE)
             (tmp / TRAINER_FILE).write_text(json.dumps(
-                {"step": state.step, "tokens": state.tokens, "loader": state.loader,
+                {"step": state.step, "loader": state.loader,
                  "world_size": dist.get_world_size()}, indent=2))
         for old in step_dirs(directory)[:-keep]:
             shutil.rmtree(old)
@@ -119,9 +118,9 @@ def _read(path: Path, model_config: ModelConfig):
 
     config, tensors = convert.read_checkpoint(path)
     if config != model_config:
-        raise ValueError(f"its config.json describes another model than the run's")
+        raise ValueError("its config.json describes another model than the run's")
     meta = json.loads((path / TRAINER_FILE).read_text())
-    state = TrainerState(int(meta["step"]), int(meta["tokens"]), dict(meta["loader"]))
+    state = TrainerState(int(meta["step"]), dict(meta["loader"]))
     # Memory-mapped: each rank copies out only its ZeRO-1 partition, not the whole state.
     saved = torch.load(path / OPTIMIZER_FILE, weights_only=True, mmap=True)
     rngs = torch.load(path / RNG_FILE, weights_only=True)
