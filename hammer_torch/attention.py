@@ -18,7 +18,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from hammer.errors import HammerError
 
@@ -117,6 +116,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str) -> torc
         elif t == 1:  # one new token sees the whole cache
             out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         else:
+            # Imported here: torch.nn.attention.bias imports torch._dynamo, 2.6 s at every start.
+            from torch.nn.attention.bias import causal_lower_right
+
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, s),
                                                  enable_gqa=True)
         return out.transpose(1, 2)

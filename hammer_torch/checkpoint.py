@@ -56,28 +56,6 @@ def save_pretrained(model: Llama, dst: str | os.PathLike, *, tokenizer: Any = No
                            generation_config=generation_config)
 
 
-def write_torch(dst: str | os.PathLike, config: ModelConfig, tensors: Mapping[str, Any], *,
-                tokenizer: Any = None, dtype: str | None = None,
-                generation_config: Mapping[str, Any] | None = None) -> Path:
-    """`hammer convert --to torch`: the twin's state dict is HF's, so the HF-named tensors (lazy
-    ones included, each read when written) are written by convert's HF writer once they are
-    exactly the names and shapes of the twin's state dict, the twin built on the meta device (no
-    memory): a conversion never holds the weights twice."""
-    import convert
-
-    with torch.device("meta"):
-        model = Llama(config, attn_impl="eager")
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        del expected["lm_head.weight"]  # HF leaves a tied head out
-    got = {name: tuple(x.shape) for name, x in tensors.items()}
-    if got != expected:  # check_hf passed them, so the table and the twin disagree: a bug
-        raise RuntimeError(f"the twin's state dict differs from convert's tensors: "
-                           f"{sorted(set(expected) ^ set(got)) or 'in shapes'}")
-    return convert.save_hf(dst, config, tensors, tokenizer=tokenizer, dtype=dtype,
-                           generation_config=generation_config)
-
-
 def to_torch(x: np.ndarray) -> torch.Tensor:
     """A tensor sharing `x`'s memory where it can (copied only when read-only), bfloat16 included."""
     x = np.asarray(x)

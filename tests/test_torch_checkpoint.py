@@ -88,6 +88,19 @@ def test_saving_over_an_existing_directory_is_refused(tmp_path):
         save_pretrained(hammer_torch.Llama(make_config()), tmp_path / "out")
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_twins_state_dict_is_convert_tables_names_and_shapes(tied):
+    """Why `hammer convert --to torch` writes an HF directory without importing torch."""
+    import convert
+
+    config = make_config(tie_word_embeddings=tied, num_kv_heads=1, head_dim=14)
+    with torch.device("meta"):
+        state = hammer_torch.Llama(config).state_dict()
+    if tied:
+        del state["lm_head.weight"]  # HF leaves a tied head out
+    assert {n: tuple(p.shape) for n, p in state.items()} == {t.hf: t.hf_shape for t in convert.tensors(config)}
+
+
 def test_hammer_convert_to_torch_writes_the_twins_state_dict_in_bfloat16(tmp_path):
     config = make_config(num_kv_heads=1, head_dim=14)
     hf = hf_model(config)
