@@ -14,7 +14,7 @@ or transforms), which every function here takes as arrays: a conversion streams 
                                                              vocabulary padded (VOCAB_MULTIPLE)
     fit_vocab(params, config, vocab_rows) -> params          the vocabulary re-padded
     jax_to_hf(params, config) -> {hf_name: array}            per-layer or stacked params
-    jax_as_hf(params, config) -> {hf_name: LazyTensor}       each transposed when used
+    jax_as_hf(params, config) -> {hf_name: LazyTensor}       each made when used
     layer_layout(params, config, stacked) -> params          per-layer <-> stacked, checked
     load_jax(path) -> (ModelConfig, params)                  orbax checkpoint + config.json, or a
                                                              JAX training run / checkpoint step

@@ -102,6 +102,17 @@ def _saved_tree(checkpointer, params_dir: Path) -> Mapping[str, Any]:
     return saved
 
 
+def saved_shapes(params_dir: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
+    """Dotted path -> shape of every array of a saved param tree, from its metadata alone; None
+    when the metadata does not read (a damaged checkpoint, which its restore then reports)."""
+    with _checkpointer() as checkpointer:
+        try:
+            saved = _saved_tree(checkpointer, Path(params_dir))
+        except Exception:  # orbax raises many types for a damaged directory
+            return None
+    return {".".join(map(str, path)): tuple(leaf.shape) for path, leaf in _flatten(saved)}
+
+
 def run_vocab_rows(run_dir: str | os.PathLike) -> int | None:
     """The embedding rows (the padded vocabulary) a JAX training run's checkpoints hold, from the
     newest step whose metadata reads (every step of a run has the same); None without any."""

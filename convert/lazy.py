@@ -2,7 +2,7 @@
 
 A `LazyTensor` knows the shape and dtype of the array it stands for, which is all that checking a
 checkpoint against its config needs; `np.asarray(t)` makes the array (reads it from disk,
-transposes it, casts it) each time it is asked for and keeps nothing. The converters take them
+reshapes or trims it, casts it) each time it is asked for and keeps nothing. The converters take them
 wherever they take numpy arrays, and every writer asks for one tensor at a time.
 """
 from __future__ import annotations

@@ -39,22 +39,23 @@ def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
 
 
 # Shapes use one letter per size: V vocab, P padded vocab, E hidden, H heads, K kv heads, D head
-# dim, M mlp; "HD" is H*D. Transposed tensors are HF's [out, in] Linear weights, stored [in, out]
-# in JAX and then reshaped so heads keep their own axis. `{}` is the layer index.
-#   HF name                                      JAX path                       HF      JAX    transpose
+# dim, M mlp; "HD" is H*D. JAX kernels keep HF's [out, in] layout, reshaped so heads keep their
+# own axis: each conversion is a reshape (and the vocabulary's padding), never a transpose.
+# `{}` is the layer index.
+#   HF name                                      JAX path                               HF      JAX
 TABLE = (
-    ("model.embed_tokens.weight",                "embed_tokens.embedding",      "V E",  "P E",   False),
-    ("model.layers.{}.input_layernorm.weight",   "layers.{}.input_layernorm.scale", "E", "E",   False),
-    ("model.layers.{}.self_attn.q_proj.weight",  "layers.{}.self_attn.q_proj.kernel", "HD E", "E H D", True),
-    ("model.layers.{}.self_attn.k_proj.weight",  "layers.{}.self_attn.k_proj.kernel", "KD E", "E K D", True),
-    ("model.layers.{}.self_attn.v_proj.weight",  "layers.{}.self_attn.v_proj.kernel", "KD E", "E K D", True),
-    ("model.layers.{}.self_attn.o_proj.weight",  "layers.{}.self_attn.o_proj.kernel", "E HD", "H D E", True),
-    ("model.layers.{}.post_attention_layernorm.weight", "layers.{}.post_attention_layernorm.scale", "E", "E", False),
-    ("model.layers.{}.mlp.gate_proj.weight",     "layers.{}.mlp.gate_proj.kernel", "M E", "E M",  True),
-    ("model.layers.{}.mlp.up_proj.weight",       "layers.{}.mlp.up_proj.kernel",   "M E", "E M",  True),
-    ("model.layers.{}.mlp.down_proj.weight",     "layers.{}.mlp.down_proj.kernel", "E M", "M E",  True),
-    ("model.norm.weight",                        "norm.scale",                  "E",    "E",     False),
-    ("lm_head.weight",                           "lm_head.kernel",              "V E",  "E P",   True),
+    ("model.embed_tokens.weight",                "embed_tokens.embedding",              "V E",  "P E"),
+    ("model.layers.{}.input_layernorm.weight",   "layers.{}.input_layernorm.scale",     "E",    "E"),
+    ("model.layers.{}.self_attn.q_proj.weight",  "layers.{}.self_attn.q_proj.kernel",   "HD E", "H D E"),
+    ("model.layers.{}.self_attn.k_proj.weight",  "layers.{}.self_attn.k_proj.kernel",   "KD E", "K D E"),
+    ("model.layers.{}.self_attn.v_proj.weight",  "layers.{}.self_attn.v_proj.kernel",   "KD E", "K D E"),
+    ("model.layers.{}.self_attn.o_proj.weight",  "layers.{}.self_attn.o_proj.kernel",   "E HD", "E H D"),
+    ("model.layers.{}.post_attention_layernorm.weight", "layers.{}.post_attention_layernorm.scale", "E", "E"),
+    ("model.layers.{}.mlp.gate_proj.weight",     "layers.{}.mlp.gate_proj.kernel",      "M E",  "M E"),
+    ("model.layers.{}.mlp.up_proj.weight",       "layers.{}.mlp.up_proj.kernel",        "M E",  "M E"),
+    ("model.layers.{}.mlp.down_proj.weight",     "layers.{}.mlp.down_proj.kernel",      "E M",  "E M"),
+    ("model.norm.weight",                        "norm.scale",                          "E",    "E"),
+    ("lm_head.weight",                           "lm_head.kernel",                      "V E",  "P E"),
 )
 # Buffers older transformers saved beside the weights; recomputed, never loaded.
 DROPPED = ("model.layers.{}.self_attn.rotary_emb.inv_freq",)
@@ -66,24 +67,19 @@ class Tensor:
     jax: tuple[str | int, ...]
     hf_shape: tuple[int, ...]
     jax_shape: tuple[int, ...]
-    transpose: bool
     vocab_axis: int | None = None  # the JAX axis of the padded vocabulary, if any
 
     def to_jax(self, x) -> np.ndarray:
-        """The HF tensor in JAX layout, the vocabulary padded with zero rows."""
+        """The HF tensor in JAX layout (a view where it can be), the vocabulary padded with zero
+        rows."""
         _check_shape(self.hf, x, self.hf_shape)
         x = np.asarray(x)
-        if self.vocab_axis is not None:
-            return _transposed(x, self.jax_shape) if self.transpose else _padded(x, self.jax_shape)
-        return np.ascontiguousarray((_transposed(x) if self.transpose else x).reshape(self.jax_shape))
+        return x.reshape(self.jax_shape) if self.vocab_axis is None else _padded(x, self.jax_shape)
 
     def to_hf(self, x) -> np.ndarray:
         """The JAX tensor (of any vocabulary padding) in HF layout, the padding trimmed."""
         self.check_jax(x)
-        x = self.trimmed(np.asarray(x))
-        if self.transpose:
-            return _transposed(x.reshape(self.hf_shape[::-1]))
-        return np.ascontiguousarray(x.reshape(self.hf_shape))
+        return np.ascontiguousarray(self.trimmed(np.asarray(x)).reshape(self.hf_shape))
 
     def check_jax(self, x) -> None:
         """The JAX shape, except that the vocabulary may have any padding."""
@@ -91,7 +87,9 @@ class Tensor:
         if (self.vocab_axis is not None and len(x.shape) == len(shape)
                 and x.shape[self.vocab_axis] >= self.vocab):
             shape[self.vocab_axis] = x.shape[self.vocab_axis]
-        _check_shape(_dotted(self.jax), x, tuple(shape))
+        if tuple(x.shape) != tuple(shape):
+            raise ConvertError(f"tensor {_dotted(self.jax)} has shape {tuple(x.shape)}, expected "
+                               f"{tuple(shape)}{layout_hint(x.shape, shape)}")
 
     @property
     def vocab(self) -> int:
@@ -118,21 +116,6 @@ class Tensor:
         return _padded(self.trimmed(np.asarray(x)), tuple(shape))
 
 
-TILE = 256  # two 256 x 256 tiles of float32 fit in a core's L2 cache
-
-
-def _transposed(x: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """x.T, contiguous, copied a tile at a time: numpy's copy of a large transposed matrix misses
-    the cache on nearly every element and runs two to three times slower, most of a conversion.
-    A larger `shape` pads the result with zeros."""
-    out = np.empty(x.shape[::-1], x.dtype) if shape is None else np.zeros(shape, x.dtype)
-    for i in range(0, x.shape[0], TILE):
-        for j in range(0, x.shape[1], TILE):
-            block = x[i:i + TILE, j:j + TILE]
-            out[j:j + block.shape[1], i:i + block.shape[0]] = block.T
-    return out
-
-
 def _padded(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """x in the top-left corner of zeros of `shape`."""
     if x.shape == shape:
@@ -156,14 +139,13 @@ def tensors(config: ModelConfig, vocab_rows: int | None = None) -> list[Tensor]:
         return tuple(int(np.prod([sizes[ch] for ch in dim])) for dim in spec.split())
 
     out = []
-    for hf, jax_path, hf_spec, jax_spec, transpose in TABLE:
+    for hf, jax_path, hf_spec, jax_spec in TABLE:
         if hf == "lm_head.weight" and c.tie_word_embeddings:
             continue
         for i in range(c.num_layers) if "{}" in hf else [None]:
             path = tuple(i if part == "{}" else part for part in jax_path.split("."))
             vocab_axis = jax_spec.split().index("P") if "P" in jax_spec else None
-            out.append(Tensor(hf.format(i), path, shape(hf_spec), shape(jax_spec), transpose,
-                              vocab_axis))
+            out.append(Tensor(hf.format(i), path, shape(hf_spec), shape(jax_spec), vocab_axis))
     return out
 
 
@@ -225,7 +207,7 @@ def jax_to_hf(params: Mapping[str, Any], config: ModelConfig) -> dict[str, np.nd
 
 
 def jax_as_hf(params: Mapping[str, Any], config: ModelConfig) -> dict[str, LazyTensor]:
-    """`jax_to_hf` with each HF tensor made (reshaped, transposed) only when it is used, so a
+    """`jax_to_hf` with each HF tensor made (trimmed, reshaped) only when it is used, so a
     writer holds the params and one HF tensor, not a second copy of every weight."""
     flat = dict(_flatten(layer_layout(params, config, stacked=False)))
     return {t.hf: LazyTensor(t.hf_shape, flat[t.jax].dtype, partial(t.to_hf, flat[t.jax]))
@@ -267,6 +249,15 @@ def _check_names(got: set, want: set, kind: str, name=str) -> None:
     if unexpected:
         raise ConvertError(f"unexpected {kind} tensor {name(unexpected[0])}"
                            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+
+
+def layout_hint(shape, expected) -> str:
+    """What a JAX shape that holds the expected sizes in another order most likely is."""
+    if sorted(shape) != sorted(expected) or tuple(shape) == tuple(expected):
+        return ""
+    return ("; the same sizes in another order are the [in, out] kernels of hammer de87e8a and "
+            "earlier: export the checkpoint to HF with that version (hammer convert --to hf), "
+            "which this one reads")
 
 
 def _check_shape(name: str, x: np.ndarray, shape: tuple[int, ...]) -> None:

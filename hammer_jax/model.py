@@ -2,9 +2,11 @@
 
 Module and parameter names follow HF (embed_tokens, layers, self_attn.q_proj, mlp.gate_proj,
 input_layernorm, post_attention_layernorm, norm, lm_head), so `convert/` is one readable table.
-Projections keep heads as their own axis (q_proj kernel [embed, heads, head_dim]) so every
-parameter carries logical axis names (vocab, embed, heads, kv_heads, head_dim, mlp, layers) in
-flax's `out_sharding` metadata; `hammer_jax.sharding` maps them onto a mesh. RoPE uses HF's
+Kernels keep HF's [out, in] layout (torch's Linear), with heads as their own axis (q_proj kernel
+[heads, head_dim, embed]): a checkpoint converts by reshapes alone, never a transpose, and XLA
+contracts either layout at the same speed. Every parameter carries logical axis names (vocab,
+embed, heads, kv_heads, head_dim, mlp, layers) in flax's `out_sharding` metadata;
+`hammer_jax.sharding` maps them onto a mesh. RoPE uses HF's
 rotate_half layout, so no q/k permutation exists anywhere. With `scan_layers=True` the decoder
 layers are one module with stacked parameters (leading "layers" axis), run with `nnx.scan`:
 one compiled layer instead of `num_layers`, the usual choice for deep models on TPU.
@@ -44,22 +46,17 @@ def _init(config: ModelConfig, axes: tuple[str, ...]) -> nnx.Initializer:
                                  eager_sharding=False)
 
 
-def _vocab_init(config: ModelConfig, axes: tuple[str, ...]) -> nnx.Initializer:
-    """HF's initializer for the real vocabulary, zeros for the padded rows: the real rows are
-    those of an unpadded model built from the same key. The embedding's row of `pad_token_id` is
-    zeroed as `nn.Embedding(padding_idx=pad)` leaves it."""
+def _vocab_init(config: ModelConfig, axes: tuple[str, ...], zero_pad_row: bool) -> nnx.Initializer:
+    """HF's initializer for the real vocabulary (the first axis), zeros for the padded rows: the
+    real rows are those of an unpadded model built from the same key. `zero_pad_row` zeroes the
+    row of `pad_token_id`, as `nn.Embedding(padding_idx=pad)` leaves the embedding's."""
     normal = nnx.initializers.normal(config.initializer_range)
-    axis = axes.index("vocab")
 
     def init(key, shape, dtype=jnp.float32):
-        real = list(shape)
-        real[axis] = config.vocab_size
-        table = normal(key, tuple(real), dtype)
-        if config.pad_token_id is not None and axis == 0:
+        table = normal(key, (config.vocab_size, *shape[1:]), dtype)
+        if zero_pad_row and config.pad_token_id is not None:
             table = table.at[config.pad_token_id].set(0)
-        padding = [(0, 0)] * len(shape)
-        padding[axis] = (0, shape[axis] - config.vocab_size)
-        return jnp.pad(table, padding)
+        return jnp.pad(table, [(0, shape[0] - config.vocab_size)] + [(0, 0)] * (len(shape) - 1))
 
     return nnx.with_partitioning(init, axes, eager_sharding=False)
 
@@ -153,10 +150,10 @@ class Attention(nnx.Module):
             return nnx.Einsum(spec, shape, dtype=dtype, param_dtype=param_dtype,
                               kernel_init=_init(config, axes), rngs=rngs)
 
-        self.q_proj = proj("bse,ehd->bshd", (e, h, d), ("embed", "heads", "head_dim"))
-        self.k_proj = proj("bse,ehd->bshd", (e, kv, d), ("embed", "kv_heads", "head_dim"))
-        self.v_proj = proj("bse,ehd->bshd", (e, kv, d), ("embed", "kv_heads", "head_dim"))
-        self.o_proj = proj("bshd,hde->bse", (h, d, e), ("heads", "head_dim", "embed"))
+        self.q_proj = proj("bse,hde->bshd", (h, d, e), ("heads", "head_dim", "embed"))
+        self.k_proj = proj("bse,hde->bshd", (kv, d, e), ("kv_heads", "head_dim", "embed"))
+        self.v_proj = proj("bse,hde->bshd", (kv, d, e), ("kv_heads", "head_dim", "embed"))
+        self.o_proj = proj("bshd,ehd->bse", (e, h, d), ("embed", "heads", "head_dim"))
         self.impl = impl
 
     def __call__(self, x, cos, sin, cache: KVCache | None = None, layer=None):
@@ -182,13 +179,13 @@ class MLP(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs, dtype, param_dtype):
         e, m = config.hidden_size, config.intermediate_size
 
-        def linear(n_in, n_out, axes):
-            return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+        def linear(n_in, n_out, axes):  # torch's Linear: kernel [out, in]
+            return nnx.Einsum("...i,oi->...o", (n_out, n_in), dtype=dtype, param_dtype=param_dtype,
                               kernel_init=_init(config, axes), rngs=rngs)
 
-        self.gate_proj = linear(e, m, ("embed", "mlp"))
-        self.up_proj = linear(e, m, ("embed", "mlp"))
-        self.down_proj = linear(m, e, ("mlp", "embed"))
+        self.gate_proj = linear(e, m, ("mlp", "embed"))
+        self.up_proj = linear(e, m, ("mlp", "embed"))
+        self.down_proj = linear(m, e, ("embed", "mlp"))
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -228,7 +225,7 @@ class Llama(nnx.Module):
         self.vocab_rows = padded_vocab_size(config.vocab_size, vocab_multiple)
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.embed_tokens = nnx.Embed(self.vocab_rows, config.hidden_size, **kw,
-                                      embedding_init=_vocab_init(config, ("vocab", "embed")),
+                                      embedding_init=_vocab_init(config, ("vocab", "embed"), True),
                                       rngs=rngs)
         if scan_layers:
             @nnx.split_rngs(splits=config.num_layers)
@@ -241,9 +238,9 @@ class Llama(nnx.Module):
             self.layers = nnx.List([DecoderLayer(config, rngs=rngs, impl=impl, **kw)
                                     for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
-        self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
-            config.hidden_size, self.vocab_rows, use_bias=False, **kw,
-            kernel_init=_vocab_init(config, ("embed", "vocab")), rngs=rngs)
+        self.lm_head = None if config.tie_word_embeddings else nnx.Einsum(
+            "...e,ve->...v", (self.vocab_rows, config.hidden_size), **kw,
+            kernel_init=_vocab_init(config, ("vocab", "embed"), False), rngs=rngs)
 
     def __call__(self, input_ids):
         return self.head(self.features(input_ids))

@@ -26,6 +26,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from convert.jax_checkpoint import saved_shapes
+from convert.mapping import _flatten, layout_hint
 from hammer.errors import HammerError
 from hammer.run import CHECKPOINTS_DIR
 from hammer_jax.distributed import any_process, sync
@@ -60,6 +62,7 @@ class TrainCheckpoints:
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
             path = self.directory / str(step)
+            _check_shapes(path, abstract.params)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     params=ocp.args.StandardRestore(abstract.params),
@@ -103,6 +106,20 @@ class TrainCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _check_shapes(path: Path, params: Any) -> None:
+    """A readable checkpoint whose params differ in shape from the model's was written by another
+    model or another hammer, not damaged: refused as it is, not set aside as unreadable."""
+    saved = saved_shapes(path / "params")
+    if saved is None:
+        return
+    for name, leaf in _flatten(params):
+        name = ".".join(map(str, name))
+        if name in saved and saved[name] != tuple(leaf.shape):
+            raise CheckpointError(f"checkpoint {path} holds {name} of shape {saved[name]} where "
+                                  f"this model has {tuple(leaf.shape)}"
+                                  f"{layout_hint(saved[name], leaf.shape)}")
 
 
 def abstract_state(state_shardings: TrainState, shapes: TrainState) -> TrainState:

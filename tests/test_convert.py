@@ -433,8 +433,10 @@ def test_a_saved_tied_head_is_dropped_only_when_it_is_the_embedding(small_hf):
 def test_jax_params_with_a_wrong_shape_or_a_missing_entry_are_refused_naming_the_path(small_hf):
     config = convert.load_hf(small_hf.path)[0]
     params = random_params(config, np.float32, scan_layers=False)
-    params["layers"][1]["mlp"]["up_proj"]["kernel"] = np.zeros((92, 56), np.float32)
-    with pytest.raises(convert.ConvertError, match=r"layers\.1\.mlp\.up_proj\.kernel has shape"):
+    # [in, out], the transposed layout, is refused: kernels are [out, in] = [mlp, embed] here.
+    params["layers"][1]["mlp"]["up_proj"]["kernel"] = np.zeros((56, 92), np.float32)
+    with pytest.raises(convert.ConvertError, match=r"layers\.1\.mlp\.up_proj\.kernel has shape "
+                                                   r"\(56, 92\), expected \(92, 56\)"):
         convert.jax_to_hf(params, config)
     del params["layers"][0]["self_attn"]["k_proj"]
     with pytest.raises(convert.ConvertError, match=r"missing JAX tensor layers\.0\.self_attn\.k_proj"):
@@ -442,7 +444,7 @@ def test_jax_params_with_a_wrong_shape_or_a_missing_entry_are_refused_naming_the
     stacked = random_params(config, np.float32, scan_layers=True)
     stacked["layers"]["mlp"]["gate_proj"]["kernel"] = stacked["layers"]["mlp"]["gate_proj"]["kernel"][:1]
     with pytest.raises(convert.ConvertError, match=r"stacked JAX tensor layers\.mlp\.gate_proj\.kernel "
-                                                   r"has shape \(1, 56, 92\), expected a leading axis of "
+                                                   r"has shape \(1, 92, 56\), expected a leading axis of "
                                                    r"num_layers=2"):
         convert.jax_to_hf(stacked, config)
 

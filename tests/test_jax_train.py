@@ -102,6 +102,32 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(uninterrup
     assert (copy / "checkpoints-unreadable" / "12").is_dir()  # set aside, not deleted
 
 
+def test_a_checkpoint_of_other_shapes_is_refused_naming_the_tensor_and_nothing_is_moved(
+        uninterrupted, tmp_path):
+    import orbax.checkpoint as ocp
+
+    import convert
+
+    config, run, _ = uninterrupted
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    # Step 12 rewritten with the down projections [in, out], as hammer wrote kernels before.
+    params_dir = copy / "checkpoints" / "12" / "params"
+    params = convert.load_jax(params_dir.parent)[1]
+    layers = params["layers"]
+    stacked = "mlp" in layers
+    for layer in [layers] if stacked else layers.values():
+        layer["mlp"]["down_proj"]["kernel"] = np.swapaxes(layer["mlp"]["down_proj"]["kernel"], -1, -2)
+    shutil.rmtree(params_dir)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(params_dir, params)
+    result = run_train(config, f"output={copy}", devices=8)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "down_proj.kernel of shape" in result.stderr
+    assert "[in, out] kernels of hammer" in result.stderr
+    assert not (copy / "checkpoints-unreadable").exists() and params_dir.is_dir()
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_0(inputs, tmp_path):
     run = tmp_path / "run"
     config = write_train_config(tmp_path / "c.toml", inputs, run, steps=100_000,

@@ -47,8 +47,8 @@ def test_logits_loss_and_gradients_equal_the_unpadded_models(config):
     assert np.array_equal(padded.embed_tokens.embedding[:259], plain.embed_tokens.embedding[...])
     assert not np.any(padded.embed_tokens.embedding[259:])
     if not config.tie_word_embeddings:
-        assert np.array_equal(padded.lm_head.kernel[:, :259], plain.lm_head.kernel[...])
-        assert not np.any(padded.lm_head.kernel[:, 259:])
+        assert np.array_equal(padded.lm_head.kernel[:259], plain.lm_head.kernel[...])
+        assert not np.any(padded.lm_head.kernel[259:])
 
     ids = jax.random.randint(jax.random.key(1), (2, 17), 0, config.vocab_size)
     logits = padded(ids)
@@ -64,7 +64,7 @@ def test_logits_loss_and_gradients_equal_the_unpadded_models(config):
     # The padded rows get no gradient, so AdamW and weight decay leave them at zero.
     assert not np.any(grads["embed_tokens"]["embedding"][...][259:])
     if not config.tie_word_embeddings:
-        assert not np.any(grads["lm_head"]["kernel"][...][:, 259:])
+        assert not np.any(grads["lm_head"]["kernel"][...][259:])
 
 
 def test_greedy_generation_is_the_unpadded_models():
@@ -134,19 +134,19 @@ def test_params_of_another_padding_load_and_wrong_ones_are_refused(tmp_path):
 
     params = params_of(wide)
     kernel = np.array(params["lm_head"]["kernel"])
-    kernel[:, 300] = 1.0  # a padded column that is not zero: trimming it would lose weights
+    kernel[300] = 1.0  # a padded row that is not zero: trimming it would lose weights
     params["lm_head"]["kernel"] = kernel
     nonzero = r"lm_head\.kernel has nonzero values in its padded rows past vocab_size 259"
     with pytest.raises(convert.ConvertError, match=nonzero):
         model_from_params(CONFIG, params)
     with pytest.raises(convert.ConvertError, match=nonzero):
         convert.jax_to_hf(params, CONFIG)
-    params["lm_head"]["kernel"] = kernel[:, :200]  # fewer rows than the vocabulary
-    with pytest.raises(convert.ConvertError, match=r"lm_head\.kernel has shape \(48, 200\), "
-                                                   r"expected \(48, 384\)"):
+    params["lm_head"]["kernel"] = kernel[:200]  # fewer rows than the vocabulary
+    with pytest.raises(convert.ConvertError, match=r"lm_head\.kernel has shape \(200, 48\), "
+                                                   r"expected \(384, 48\)"):
         model_from_params(CONFIG, params)
-    params["lm_head"]["kernel"] = np.zeros((47, 512), np.float32)
-    with pytest.raises(convert.ConvertError, match=r"lm_head\.kernel has shape \(47, 512\)"):
+    params["lm_head"]["kernel"] = np.zeros((512, 47), np.float32)
+    with pytest.raises(convert.ConvertError, match=r"lm_head\.kernel has shape \(512, 47\)"):
         model_from_params(CONFIG, params)
 
 
@@ -187,7 +187,7 @@ def test_hammerllm_1_4b_on_a_1_4_2_mesh_replicates_no_parameter():
     assert padded["warnings"] == []
     specs = padded["specs"]
     assert specs["embed_tokens.embedding"] == ["tensor", "fsdp"]
-    assert specs["lm_head.kernel"] == ["fsdp", "tensor"]
+    assert specs["lm_head.kernel"] == ["tensor", "fsdp"]
     for name, spec in specs.items():  # every matrix is split over both mesh axes
         if not name.endswith("scale"):
             assert "tensor" in spec and "fsdp" in spec, (name, spec)
@@ -211,8 +211,8 @@ def test_a_run_keeps_its_padding_when_resumed_on_another_tensor_axis(tmp_path):
     assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
     _, params = convert.load_jax(run / "checkpoints" / "4")
     embedding, kernel = params["embed_tokens"]["embedding"], params["lm_head"]["kernel"]
-    assert embedding.shape == (512, 64) and kernel.shape == (64, 512)
-    assert not np.any(embedding[259:]) and not np.any(kernel[:, 259:])
-    assert np.any(kernel[:, :259] != 0)
+    assert embedding.shape == (512, 64) and kernel.shape == (512, 64)
+    assert not np.any(embedding[259:]) and not np.any(kernel[259:])
+    assert np.any(kernel[:259] != 0)
     _, hf = convert.read_checkpoint(run)
     assert hf["model.embed_tokens.weight"].shape == (259, 64)
