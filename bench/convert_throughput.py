@@ -1,12 +1,16 @@
 """Checkpoint conversion against the speed and memory of its own I/O.
 
 A random bfloat16 HF checkpoint of the config's size (HammerLLM-1.4B by default) is written with
-safetensors, then each row runs in its own process, so peak RSS is that process's own (os.wait4):
+safetensors, then each row runs in its own process, so peak RSS is that process's own (os.wait4),
+and starts after `sync`, so that no row waits on the dirty pages of the one before:
 - safetensors read + write: `load_file` (pread) then `save_file` of the same tensors: the I/O floor;
+- safetensors read + write + fsync: the same, on disk when it returns, as orbax's writes are (it
+  fsyncs every file it writes: a checkpoint is durable when its save returns);
 - convert --to jax: `hammer convert` of the HF directory into a hammer JAX (orbax) directory;
 - convert --to hf: that JAX directory back to HF, whose tensors must equal the source's bits;
 - convert --to torch: the HF directory through the torch twin.
-The ratios are to the first row's seconds and to the model's bytes. Writes JSON and prints a table.
+The ratios are to the first row's seconds (and, for --to jax, whose writer is orbax, to the second
+row's) and to the model's bytes. Writes JSON and prints a table.
 
     python bench/convert_throughput.py [--config configs/hammerllm-1.4b.json] [--smoke] [--out FILE]
 """
@@ -34,8 +38,9 @@ from convert.hf import DTYPES  # noqa: E402
 from hammer.config import ModelConfig  # noqa: E402
 from hammer.fsio import atomic_file  # noqa: E402
 
-SAFETENSORS_ROUND_TRIP = ("import ml_dtypes, sys; from safetensors.numpy import load_file, save_file; "
+SAFETENSORS_ROUND_TRIP = ("import ml_dtypes, os, sys; from safetensors.numpy import load_file, save_file; "
                           "save_file(load_file(sys.argv[1], backend='pread'), sys.argv[2], metadata={'format': 'pt'})")
+FSYNC = "; fd = os.open(sys.argv[2], os.O_RDONLY); os.fsync(fd); os.close(fd)"
 
 
 def write_random_checkpoint(config: ModelConfig, dst: Path, seed: int = 0) -> int:
@@ -60,6 +65,7 @@ def write_random_checkpoint(config: ModelConfig, dst: Path, seed: int = 0) -> in
 
 def measure(name: str, argv: list[str]) -> dict:
     """Seconds and peak RSS of one child process running argv (it must succeed)."""
+    os.sync()
     start = time.perf_counter()
     pid = os.posix_spawn(argv[0], argv, os.environ)
     _, status, usage = os.wait4(pid, 0)
@@ -101,10 +107,12 @@ def main() -> None:
         src = workdir / "hf"
         model_bytes = helper.submit(write_random_checkpoint, config, src).result()
         hammer = [sys.executable, "-m", "hammer.cli", "convert"]
-        rows = [measure("safetensors read + write", [sys.executable, "-c", SAFETENSORS_ROUND_TRIP,
-                                                     str(src / "model.safetensors"),
-                                                     str(workdir / "copy.safetensors")])]
-        (workdir / "copy.safetensors").unlink()
+        rows = []
+        for name, code in [("safetensors read + write", SAFETENSORS_ROUND_TRIP),
+                           ("safetensors read + write + fsync", SAFETENSORS_ROUND_TRIP + FSYNC)]:
+            rows.append(measure(name, [sys.executable, "-c", code, str(src / "model.safetensors"),
+                                       str(workdir / "copy.safetensors")]))
+            (workdir / "copy.safetensors").unlink()
         rows.append(measure("convert --to jax", [*hammer, str(src), str(workdir / "jax"), "--to", "jax"]))
         rows.append(measure("convert --to hf (from jax)",
                             [*hammer, str(workdir / "jax"), str(workdir / "back"), "--to", "hf"]))
@@ -117,9 +125,10 @@ def main() -> None:
         helper.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    floor = rows[0]["seconds"]
+    floor, durable = rows[0]["seconds"], rows[1]["seconds"]
     for row in rows:
         row["time_ratio"] = round(row["seconds"] / floor, 2)
+        row["time_ratio_to_fsync_floor"] = round(row["seconds"] / durable, 2)
         row["rss_ratio_to_model_bytes"] = round(row["peak_rss_gb"] * 1e9 / model_bytes, 2)
     result = {
         "config": config_path.name, "parameters": config.param_count(), "model_gb": round(model_bytes / 1e9, 3),
@@ -132,10 +141,11 @@ def main() -> None:
 
     print(f"{config_path.name}: {config.param_count():,} parameters, {model_bytes / 1e9:.2f} GB in bfloat16; "
           f"round trip bit-exact: {bit_exact}")
-    print(f"{'step':<28}{'seconds':>9}{'peak RSS GB':>13}{'x I/O time':>12}{'x model bytes':>15}")
+    print(f"{'step':<34}{'seconds':>9}{'peak RSS GB':>13}{'x I/O time':>12}{'x I/O+fsync':>13}"
+          f"{'x model bytes':>15}")
     for r in rows:
-        print(f"{r['step']:<28}{r['seconds']:>9.2f}{r['peak_rss_gb']:>13.2f}{r['time_ratio']:>12.2f}"
-              f"{r['rss_ratio_to_model_bytes']:>15.2f}")
+        print(f"{r['step']:<34}{r['seconds']:>9.2f}{r['peak_rss_gb']:>13.2f}{r['time_ratio']:>12.2f}"
+              f"{r['time_ratio_to_fsync_floor']:>13.2f}{r['rss_ratio_to_model_bytes']:>15.2f}")
     print(f"wrote {args.out}")
     if not bit_exact:
         raise SystemExit("the HF -> JAX -> HF round trip changed the tensors")
