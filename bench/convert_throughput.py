@@ -2,7 +2,8 @@
 
 A random bfloat16 HF checkpoint of the config's size (HammerLLM-1.4B by default) is written with
 safetensors, then each row runs in its own process, so peak RSS is that process's own (os.wait4),
-and starts after `sync`, so that no row waits on the dirty pages of the one before:
+and starts after `sync`, so that no row waits on the dirty pages of the one before. The rows run
+in turn `--repeat` times; seconds are the median, peak RSS the largest:
 - safetensors read + write: `load_file` (pread) then `save_file` of the same tensors: the I/O floor;
 - safetensors read + write + fsync: the same, on disk when it returns, as orbax's writes are (it
   fsyncs every file it writes: a checkpoint is durable when its save returns);
@@ -12,7 +13,7 @@ and starts after `sync`, so that no row waits on the dirty pages of the one befo
 The ratios are to the first row's seconds (and, for --to jax, whose writer is orbax, to the second
 row's) and to the model's bytes. Writes JSON and prints a table.
 
-    python bench/convert_throughput.py [--config configs/hammerllm-1.4b.json] [--smoke] [--out FILE]
+    python bench/convert_throughput.py [--config configs/hammerllm-1.4b.json] [--repeat 3] [--smoke] [--out FILE]
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import multiprocessing
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -94,6 +96,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "hammerllm-1.4b.json")
     parser.add_argument("--smoke", action="store_true", help="configs/tiny.json: a quick check that it runs")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "convert_throughput.json")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each row; the table shows the median")
     parser.add_argument("--workdir", type=Path, help="where the checkpoints go (default: a temporary directory)")
     args = parser.parse_args()
     config_path = REPO / "configs" / "tiny.json" if args.smoke else args.config
@@ -107,20 +110,33 @@ def main() -> None:
         src = workdir / "hf"
         model_bytes = helper.submit(write_random_checkpoint, config, src).result()
         hammer = [sys.executable, "-m", "hammer.cli", "convert"]
-        rows = []
-        for name, code in [("safetensors read + write", SAFETENSORS_ROUND_TRIP),
-                           ("safetensors read + write + fsync", SAFETENSORS_ROUND_TRIP + FSYNC)]:
-            rows.append(measure(name, [sys.executable, "-c", code, str(src / "model.safetensors"),
-                                       str(workdir / "copy.safetensors")]))
-            (workdir / "copy.safetensors").unlink()
-        rows.append(measure("convert --to jax", [*hammer, str(src), str(workdir / "jax"), "--to", "jax"]))
-        rows.append(measure("convert --to hf (from jax)",
-                            [*hammer, str(workdir / "jax"), str(workdir / "back"), "--to", "hf"]))
-        bit_exact = helper.submit(same_tensors, src / "model.safetensors",
-                                  workdir / "back" / "model.safetensors").result()
-        shutil.rmtree(workdir / "jax")
-        shutil.rmtree(workdir / "back")
-        rows.append(measure("convert --to torch", [*hammer, str(src), str(workdir / "torch"), "--to", "torch"]))
+        copy = [str(src / "model.safetensors"), str(workdir / "copy.safetensors")]
+        steps = {  # name -> (argv, what it wrote)
+            "safetensors read + write": ([sys.executable, "-c", SAFETENSORS_ROUND_TRIP, *copy],
+                                         workdir / "copy.safetensors"),
+            "safetensors read + write + fsync": ([sys.executable, "-c", SAFETENSORS_ROUND_TRIP + FSYNC, *copy],
+                                                 workdir / "copy.safetensors"),
+            "convert --to jax": ([*hammer, str(src), str(workdir / "jax"), "--to", "jax"], None),
+            "convert --to hf (from jax)": ([*hammer, str(workdir / "jax"), str(workdir / "back"), "--to", "hf"],
+                                           workdir / "back"),
+            "convert --to torch": ([*hammer, str(src), str(workdir / "torch"), "--to", "torch"],
+                                   workdir / "torch"),
+        }
+        runs: dict[str, list[dict]] = {name: [] for name in steps}
+        bit_exact = True
+        # The rows take turns, so that a slow spell of a shared disk falls on all of them.
+        for _ in range(args.repeat):
+            for name, (argv, output) in steps.items():
+                runs[name].append(measure(name, argv))
+                if name == "convert --to hf (from jax)":
+                    bit_exact &= helper.submit(same_tensors, src / "model.safetensors",
+                                               output / "model.safetensors").result()
+                    shutil.rmtree(workdir / "jax")
+                if output is not None:
+                    shutil.rmtree(output) if output.is_dir() else output.unlink()
+        rows = [{"step": name, "seconds": round(statistics.median(r["seconds"] for r in each), 3),
+                 "seconds_each": [r["seconds"] for r in each],
+                 "peak_rss_gb": max(r["peak_rss_gb"] for r in each)} for name, each in runs.items()]
     finally:
         helper.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -21,7 +21,7 @@ from hammer.fsio import atomic_directory
 from hammer.run import CHECKPOINTS_DIR
 
 PARAMS_DIR = "params"
-RESTORE_GROUP_BYTES = 256 * 2**20
+RESTORE_GROUP_BYTES = 512 * 2**20
 
 
 def is_jax_dir(path: str | os.PathLike) -> bool:
@@ -132,7 +132,8 @@ def run_vocab_rows(run_dir: str | os.PathLike) -> int | None:
 def _groups(tree: Mapping[str, Any], max_bytes: int) -> list[dict[str, Any]]:
     """The tree's array metadata split into subtrees of about max_bytes each, in order. Restoring
     a group at a time bounds tensorstore's read buffers, which a whole-tree restore holds for every
-    array at once (1.7x the weights at the peak instead of 1.1x)."""
+    array at once (1.7x the weights at the peak instead of 1.3x for HammerLLM-1.4B in 512 MiB
+    groups, which restore it as fast as 1 GiB ones and ~0.4 s faster than 256 MiB ones)."""
     groups: list[dict[str, Any]] = [{}]
     size = 0
     for path, leaf in _flatten(tree):
@@ -150,7 +151,9 @@ def _checkpointer():
     (against a training loop changing them during an asynchronous save), a second copy of every
     weight that a conversion, which waits for the save, does not need. Uncompressed: zstd costs
     more time than the disk saves on weights (it takes a fifth off bfloat16 ones at half the
-    speed)."""
+    speed). One zarr directory per array rather than OCDBT's shared files: HammerLLM-1.4B's tree
+    saved in 4.9-6.3 s that way and in 8.4-10.3 s through OCDBT (2 cores, local disk), and the
+    readers take either, the trainer's OCDBT checkpoints included."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -158,4 +161,4 @@ def _checkpointer():
         (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
         (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry,
-                                                         use_compression=False))
+                                                         use_compression=False, use_ocdbt=False))

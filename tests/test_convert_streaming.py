@@ -76,7 +76,7 @@ def test_hf_tensors_are_made_and_written_one_at_a_time(checkpoints, tmp_path, sr
 @pytest.mark.slow
 def test_the_throughput_bench_runs_and_writes_its_table_where_asked(tmp_path):
     out = tmp_path / "result.json"
-    subprocess.run([sys.executable, "bench/convert_throughput.py", "--smoke", "--out", str(out),
+    subprocess.run([sys.executable, "bench/convert_throughput.py", "--smoke", "--repeat", "2", "--out", str(out),
                     "--workdir", str(tmp_path)], cwd=REPO, check=True, capture_output=True, text=True)
     result = json.loads(out.read_text())
     assert result["round_trip_bit_exact"] is True
@@ -84,4 +84,5 @@ def test_the_throughput_bench_runs_and_writes_its_table_where_asked(tmp_path):
                                                    "safetensors read + write + fsync", "convert --to jax",
                                                    "convert --to hf (from jax)", "convert --to torch"]
     assert all(r["seconds"] > 0 and r["peak_rss_gb"] > 0 for r in result["rows"])
+    assert all(len(r["seconds_each"]) == 2 for r in result["rows"])
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # its checkpoints removed
