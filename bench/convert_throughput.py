@@ -7,11 +7,16 @@ in turn `--repeat` times; seconds are the median, peak RSS the largest:
 - safetensors read + write: `load_file` (pread) then `save_file` of the same tensors: the I/O floor;
 - safetensors read + write + fsync: the same, on disk when it returns, as orbax's writes are (it
   fsyncs every file it writes: a checkpoint is durable when its save returns);
+- safetensors read + orbax save: the same tensors saved by the orbax checkpointer `convert` uses,
+  unconverted: the I/O of --to jax alone (orbax also fsyncs each file it writes);
 - convert --to jax: `hammer convert` of the HF directory into a hammer JAX (orbax) directory;
+- orbax restore + safetensors write: that JAX directory's tree restored whole and saved as
+  safetensors, unconverted: the I/O of --to hf alone;
 - convert --to hf: that JAX directory back to HF, whose tensors must equal the source's bits;
 - convert --to torch: the HF directory through the torch twin.
-The ratios are to the first row's seconds (and, for --to jax, whose writer is orbax, to the second
-row's) and to the model's bytes. Writes JSON and prints a table.
+The time ratios are to the first row, to the second, and for each conversion to its own I/O (the
+row of the same reader and writer, unconverted); RSS is to the model's bytes. Writes JSON and
+prints a table.
 
     python bench/convert_throughput.py [--config configs/hammerllm-1.4b.json] [--repeat 3] [--smoke] [--out FILE]
 """
@@ -43,6 +48,19 @@ from hammer.fsio import atomic_file  # noqa: E402
 SAFETENSORS_ROUND_TRIP = ("import ml_dtypes, os, sys; from safetensors.numpy import load_file, save_file; "
                           "save_file(load_file(sys.argv[1], backend='pread'), sys.argv[2], metadata={'format': 'pt'})")
 FSYNC = "; fd = os.open(sys.argv[2], os.O_RDONLY); os.fsync(fd); os.close(fd)"
+# The I/O of each direction alone, through the writer and reader `convert` uses for JAX directories.
+SAFETENSORS_TO_ORBAX = ("import os, sys; import orbax.checkpoint as ocp; from safetensors.numpy import load_file; "
+                        "from convert.jax_checkpoint import _checkpointer; c = _checkpointer(); "
+                        "c.save(os.path.abspath(sys.argv[2]), args=ocp.args.PyTreeSave("
+                        "load_file(sys.argv[1], backend='pread'))); c.close()")
+ORBAX_TO_SAFETENSORS = ("import os, sys; import jax, numpy as np; import orbax.checkpoint as ocp; "
+                        "from safetensors.numpy import save_file; "
+                        "from convert.jax_checkpoint import _checkpointer; from convert.mapping import _flatten; "
+                        "c = _checkpointer(); path = os.path.abspath(sys.argv[1]); "
+                        "tree = c.restore(path, args=ocp.args.PyTreeRestore(restore_args=jax.tree.map("
+                        "lambda _: ocp.RestoreArgs(restore_type=np.ndarray), c.metadata(path).item_metadata.tree))); "
+                        "save_file({'.'.join(map(str, k)): x for k, x in _flatten(tree)}, sys.argv[2], "
+                        "metadata={'format': 'pt'})")
 
 
 def write_random_checkpoint(config: ModelConfig, dst: Path, seed: int = 0) -> int:
@@ -116,7 +134,12 @@ def main() -> None:
                                          workdir / "copy.safetensors"),
             "safetensors read + write + fsync": ([sys.executable, "-c", SAFETENSORS_ROUND_TRIP + FSYNC, *copy],
                                                  workdir / "copy.safetensors"),
+            "safetensors read + orbax save": ([sys.executable, "-c", SAFETENSORS_TO_ORBAX, copy[0],
+                                               str(workdir / "orbax")], workdir / "orbax"),
             "convert --to jax": ([*hammer, str(src), str(workdir / "jax"), "--to", "jax"], None),
+            "orbax restore + safetensors write": ([sys.executable, "-c", ORBAX_TO_SAFETENSORS,
+                                                   str(workdir / "jax" / "params"), copy[1]],
+                                                  workdir / "copy.safetensors"),
             "convert --to hf (from jax)": ([*hammer, str(workdir / "jax"), str(workdir / "back"), "--to", "hf"],
                                            workdir / "back"),
             "convert --to torch": ([*hammer, str(src), str(workdir / "torch"), "--to", "torch"],
@@ -142,9 +165,15 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
     floor, durable = rows[0]["seconds"], rows[1]["seconds"]
+    seconds = {row["step"]: row["seconds"] for row in rows}
+    own_io = {"convert --to jax": "safetensors read + orbax save",
+              "convert --to hf (from jax)": "orbax restore + safetensors write",
+              "convert --to torch": "safetensors read + write"}
     for row in rows:
         row["time_ratio"] = round(row["seconds"] / floor, 2)
         row["time_ratio_to_fsync_floor"] = round(row["seconds"] / durable, 2)
+        if row["step"] in own_io:
+            row["time_ratio_to_own_io"] = round(row["seconds"] / seconds[own_io[row["step"]]], 2)
         row["rss_ratio_to_model_bytes"] = round(row["peak_rss_gb"] * 1e9 / model_bytes, 2)
     result = {
         "config": config_path.name, "parameters": config.param_count(), "model_gb": round(model_bytes / 1e9, 3),
@@ -158,10 +187,11 @@ def main() -> None:
     print(f"{config_path.name}: {config.param_count():,} parameters, {model_bytes / 1e9:.2f} GB in bfloat16; "
           f"round trip bit-exact: {bit_exact}")
     print(f"{'step':<34}{'seconds':>9}{'peak RSS GB':>13}{'x I/O time':>12}{'x I/O+fsync':>13}"
-          f"{'x model bytes':>15}")
+          f"{'x own I/O':>11}{'x model bytes':>15}")
     for r in rows:
+        own = f"{r['time_ratio_to_own_io']:.2f}" if "time_ratio_to_own_io" in r else ""
         print(f"{r['step']:<34}{r['seconds']:>9.2f}{r['peak_rss_gb']:>13.2f}{r['time_ratio']:>12.2f}"
-              f"{r['time_ratio_to_fsync_floor']:>13.2f}{r['rss_ratio_to_model_bytes']:>15.2f}")
+              f"{r['time_ratio_to_fsync_floor']:>13.2f}{own:>11}{r['rss_ratio_to_model_bytes']:>15.2f}")
     print(f"wrote {args.out}")
     if not bit_exact:
         raise SystemExit("the HF -> JAX -> HF round trip changed the tensors")

@@ -80,9 +80,10 @@ def test_the_throughput_bench_runs_and_writes_its_table_where_asked(tmp_path):
                     "--workdir", str(tmp_path)], cwd=REPO, check=True, capture_output=True, text=True)
     result = json.loads(out.read_text())
     assert result["round_trip_bit_exact"] is True
-    assert [r["step"] for r in result["rows"]] == ["safetensors read + write",
-                                                   "safetensors read + write + fsync", "convert --to jax",
-                                                   "convert --to hf (from jax)", "convert --to torch"]
+    assert [r["step"] for r in result["rows"]] == [
+        "safetensors read + write", "safetensors read + write + fsync", "safetensors read + orbax save",
+        "convert --to jax", "orbax restore + safetensors write", "convert --to hf (from jax)",
+        "convert --to torch"]
     assert all(r["seconds"] > 0 and r["peak_rss_gb"] > 0 for r in result["rows"])
     assert all(len(r["seconds_each"]) == 2 for r in result["rows"])
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # its checkpoints removed
