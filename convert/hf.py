@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from functools import partial
 from pathlib import Path
@@ -21,6 +22,7 @@ from convert.lazy import LazyTensor
 from convert.mapping import ConvertError
 from hammer.config import ModelConfig
 from hammer.fsio import atomic_directory
+from hammer.run import CHECKPOINTS_DIR
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -35,20 +37,30 @@ DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat
 SAFETENSORS_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
                       "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
 MAX_SHARD_BYTES = 5 * 2**30
+_TORCH_STEP_DIR = re.compile(r"step_(\d+)")  # the torch trainer's checkpoints/step_<N>/
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
     return any((Path(path) / name).is_file() for name in WEIGHT_FILES)
 
 
+def torch_step_dirs(directory: Path) -> list[Path]:
+    """The complete checkpoints (`step_<N>/`) of a torch run's checkpoint directory, oldest first;
+    the temporaries of a killed save are excluded."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir()
+             if (m := _TORCH_STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
 def newest_torch_checkpoint(path: Path) -> Path:
     """A torch training run directory stands for its newest checkpoint (`checkpoints/step_<N>/`,
     each an HF directory); any other path is itself."""
-    if is_hf_dir(path) or not (path / "checkpoints").is_dir():
+    if is_hf_dir(path):
         return path
-    steps = [(int(p.name[5:]), p) for p in (path / "checkpoints").iterdir()
-             if p.name.startswith("step_") and p.name[5:].isdigit() and is_hf_dir(p)]
-    return max(steps)[1] if steps else path
+    steps = [p for p in torch_step_dirs(path / CHECKPOINTS_DIR) if is_hf_dir(p)]
+    return steps[-1] if steps else path
 
 
 def load_hf(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, np.ndarray]]:

@@ -119,13 +119,10 @@ def run_vocab_rows(run_dir: str | os.PathLike) -> int | None:
     checkpoints = Path(run_dir) / CHECKPOINTS_DIR
     steps = sorted((int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()),
                    reverse=True) if checkpoints.is_dir() else []
-    with _checkpointer() as checkpointer:
-        for step in steps:
-            try:
-                saved = _saved_tree(checkpointer, checkpoints / str(step) / PARAMS_DIR)
-                return int(saved["embed_tokens"]["embedding"].shape[0])
-            except Exception:  # orbax raises many types for a damaged step; the restore reports it
-                continue
+    for step in steps:
+        shapes = saved_shapes(checkpoints / str(step) / PARAMS_DIR)
+        if shapes and "embed_tokens.embedding" in shapes:
+            return shapes["embed_tokens.embedding"][0]
     return None
 
 

@@ -106,13 +106,13 @@ def check_inputs(config: TrainConfig, model: ModelConfig, mixture, validation: M
     return tokenizer
 
 
-
 def check_init(init: str, theirs: ModelConfig, model: ModelConfig) -> None:
     """Refuses an `init` checkpoint (config `theirs`) of another model than the run's, naming
     every field that differs."""
     differ = [f"{name} {there!r} there, {here!r} here" for name, there, here in theirs.differences(model)]
     if differ:
         raise ConfigError(f"init {init} holds another model than the run's: {', '.join(differ)}")
+
 
 @contextlib.contextmanager
 def sigterm_flag() -> Iterator[Callable[[], bool]]:

@@ -16,7 +16,6 @@ does not is skipped with a warning naming it, and none readable is an error, nev
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -26,13 +25,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from convert.hf import torch_step_dirs
 from hammer.config import ModelConfig
 from hammer.errors import HammerError
 from hammer.fsio import atomic_directory
 from hammer_torch.checkpoint import save_pretrained, to_torch
 
 TRAINER_FILE, OPTIMIZER_FILE, RNG_FILE = "trainer.json", "optimizer.pt", "rng.pt"
-_STEP_DIR = re.compile(r"step_(\d+)")
 
 
 class CheckpointError(HammerError):
@@ -43,15 +42,6 @@ class CheckpointError(HammerError):
 class TrainerState:
     step: int  # optimizer steps completed
     loader: dict[str, int]  # LoaderState.to_dict()
-
-
-def step_dirs(directory: Path) -> list[Path]:
-    """The complete checkpoints in `directory`, oldest first (temporaries of a killed save excluded)."""
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir()
-             if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
 
 
 def save(directory: Path, state: TrainerState, model: torch.nn.Module, optimizer, scheduler,
@@ -78,7 +68,7 @@ def save(directory: Path, state: TrainerState, model: torch.nn.Module, optimizer
             (tmp / TRAINER_FILE).write_text(json.dumps(
                 {"step": state.step, "loader": state.loader,
                  "world_size": dist.get_world_size()}, indent=2))
-        for old in step_dirs(directory)[:-keep]:
+        for old in torch_step_dirs(directory)[:-keep]:
             shutil.rmtree(old)
     dist.barrier()
     return path
@@ -88,7 +78,7 @@ def restore(directory: Path, model_config: ModelConfig, model: torch.nn.Module, 
             scheduler) -> TrainerState | None:
     """Loads the newest readable checkpoint into model, optimizer, scheduler and this rank's RNG;
     None when the run has none yet."""
-    candidates = step_dirs(directory)
+    candidates = torch_step_dirs(directory)
     if not candidates:
         return None
     failures = []

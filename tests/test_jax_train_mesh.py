@@ -1,13 +1,9 @@
 """The train step computes the same losses and gradient norms on every mesh as on one device, and
 4 accumulated micro-batches of 2 sequences equal one step of 8 (float32, 8 CPU devices)."""
-import json
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
-from tests.train_fixtures import REPO, train_env
+from tests.train_fixtures import run_json_script
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]  # (data, fsdp, tensor)
 # float32 reductions in another order: measured up to ~1e-6 relative on 3 steps
@@ -58,10 +54,7 @@ print(json.dumps(results))
 
 @pytest.mark.slow
 def test_every_mesh_and_accumulation_gives_the_losses_and_grad_norms_of_one_device():
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=train_env(8), cwd=REPO,
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(result.stdout.strip().splitlines()[-1])
+    results = run_json_script(SCRIPT, devices=8, timeout=900)
     reference = results.pop("one device")
     assert reference[2][0] < reference[0][0]  # it trains
     assert len(results) == len(MESHES) + 1

@@ -1,11 +1,7 @@
-"""The JAX model pads its vocabulary (embedding rows, head columns) so the tensor axis divides it,
+"""The JAX model pads its vocabulary (embedding and head rows) so the tensor axis divides it,
 and nothing outside the model sees the padding: logits, loss and greedy generation are those of the
 unpadded model, conversion pads on the way in and trims on the way out bit-exactly, and HammerLLM
 1.4B on a (data, fsdp, tensor) = (1, 4, 2) mesh replicates no parameter."""
-import json
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +17,7 @@ from hammer_jax.generate import JaxStepper
 from hammer_jax.loss import nll_sum
 from hammer_jax.model import Llama
 from tests.eval_fixtures import random_hf_tensors
-from tests.train_fixtures import (REPO, run_train, tiny_inputs, train_env, train_losses,
+from tests.train_fixtures import (run_json_script, run_train, tiny_inputs, train_losses,
                                   write_train_config)
 
 # vocab 259 (the byte tokenizer's) pads to 384 by 128, to 512 by 256
@@ -177,10 +173,7 @@ print(json.dumps(out))
 
 @pytest.mark.slow
 def test_hammerllm_1_4b_on_a_1_4_2_mesh_replicates_no_parameter():
-    result = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=train_env(8), cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = run_json_script(SHARDING_SCRIPT, devices=8, timeout=300)
     unpadded, padded = out["1"], out["256"]
     # Without padding the odd vocabulary (105789) leaves the embedding and the head replicated.
     assert len(unpadded["warnings"]) == 1 and "2 parameters" in unpadded["warnings"][0]

@@ -138,6 +138,15 @@ def train_env(devices: int = 1) -> dict[str, str]:
     return env
 
 
+def run_json_script(script: str, devices: int, timeout: float) -> Any:
+    """Runs Python `script` in a subprocess with `devices` CPU devices (JAX fixes the count when it
+    starts); returns the JSON its last line of stdout prints."""
+    result = subprocess.run([sys.executable, "-c", script], env=train_env(devices), cwd=REPO,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def train_command(config: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "hammer", "train", "--config", str(config), *overrides]
 
