@@ -47,22 +47,20 @@ def timed(step, data, warmup: int) -> tuple[float, float]:
 
 def jax_trainer(args, config: ModelConfig) -> dict:
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from hammer.train_config import MeshConfig, TrainConfig
     from hammer_jax.model import Llama
     from hammer_jax.optimizer import learning_rate_schedule, make_optimizer
     from hammer_jax.sharding import make_mesh
+    from hammer_jax.train import model_options_of
     from hammer_jax.train_step import batch_sharding, fresh_state, make_train_step
 
     train = TrainConfig(model=args.model, data=("-",), output="-", steps=1000, batch_size=args.batch,
-                        dtype=args.dtype, remat=args.remat, loss_chunk=args.loss_chunk,
-                        mesh=MeshConfig(data=1, fsdp=-1, tensor=1))
+                        dtype=args.dtype, remat=args.remat, scan_layers=args.scan_layers,
+                        loss_chunk=args.loss_chunk, mesh=MeshConfig(data=1, fsdp=-1, tensor=1))
     mesh = make_mesh(train.mesh)
-    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
-    make = lambda: Llama(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.float32,  # noqa: E731
-                         remat=args.remat, scan_layers=args.scan_layers)
+    make = lambda: Llama(config, rngs=nnx.Rngs(0), **model_options_of(train))  # noqa: E731
     tx = make_optimizer(train)
     graphdef, shardings, initial = fresh_state(make, tx, mesh)
     state = [initial]

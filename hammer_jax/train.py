@@ -36,15 +36,15 @@ from hammer_jax.checkpoint import model_from_params
 from hammer_jax.distributed import BatchPlacer, any_process, join, sync
 from hammer_jax.model import ATTENTION_IMPLS, Llama
 from hammer_jax.optimizer import learning_rate_schedule, make_optimizer
-from hammer_jax.sharding import make_mesh, model_shardings
-from hammer_jax.train_checkpoint import TrainCheckpoints, abstract_state
+from hammer_jax.sharding import make_mesh
+from hammer_jax.train_checkpoint import TrainCheckpoints
 from hammer_jax.train_step import (
-    TrainState,
     batch_shards,
     init_state,
     make_eval_step,
     make_train_step,
-    state_shardings,
+    random_params,
+    state_layout,
 )
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -55,7 +55,7 @@ def train(config: TrainConfig) -> Path:
     join(config.distributed)  # before anything else asks JAX about devices
     primary = jax.process_index() == 0
     model_config = config.model_config()
-    model_options = _model_options(config)
+    model_options = model_options_of(config)
     mesh = make_mesh(config.mesh)
     _check_batch_layout(config, batch_shards(mesh))
     mixture = mixture_from_specs(config.data)
@@ -85,24 +85,16 @@ def train(config: TrainConfig) -> Path:
     def make_model():
         return Llama(model_config, rngs=nnx.Rngs(config.seed), **model_options)
 
-    abstract_model = nnx.eval_shape(make_model)
-    graphdef, abstract_params = nnx.split(abstract_model)
-    param_shardings = nnx.to_pure_dict(model_shardings(abstract_model, mesh))
     tx, schedule = make_optimizer(config), learning_rate_schedule(config)
-    shardings = state_shardings(param_shardings, tx, mesh)
-    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),
-                        params=nnx.to_pure_dict(abstract_params),
-                        opt_state=jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params)))
+    graphdef, shardings, abstract = state_layout(make_model, tx, mesh)
 
     checkpoints = TrainCheckpoints(run_dir, config.keep_checkpoints)
     to_device = BatchPlacer(mesh, config.batch_size, mixture.block_size)
     loader = Loader(mixture, config.batch_size, seed=config.seed, rows=to_device.rows)
-    restored = checkpoints.restore(abstract_state(shardings, shapes))
+    restored = checkpoints.restore(abstract)
     if restored is None:
-        params = (_init_params(config.init, model_config, model_options, param_shardings)
-                  if config.init else
-                  jax.jit(lambda: nnx.to_pure_dict(nnx.state(make_model())),
-                          out_shardings=param_shardings)())
+        params = (_init_params(config.init, model_config, model_options, shardings.params)
+                  if config.init else random_params(make_model, shardings.params))
         state, start = init_state(params, tx, shardings), 0
     else:
         state, meta = restored
@@ -113,7 +105,7 @@ def train(config: TrainConfig) -> Path:
 
     step_fn = make_train_step(graphdef, tx, schedule, shardings, mesh,
                               grad_accum=config.grad_accum, loss_chunk=config.loss_chunk)
-    eval_fn = make_eval_step(graphdef, param_shardings, mesh, loss_chunk=config.loss_chunk)
+    eval_fn = make_eval_step(graphdef, shardings.params, mesh, loss_chunk=config.loss_chunk)
     compile_start = time.perf_counter()
     step_fn = step_fn.lower(state, to_device(loader.batch(loader.step))).compile()
     compile_time = time.perf_counter() - compile_start
@@ -164,7 +156,8 @@ def train(config: TrainConfig) -> Path:
     return run_dir
 
 
-def _model_options(config: TrainConfig) -> dict:
+def model_options_of(config: TrainConfig) -> dict:
+    """The `Llama` options of a run's config (the vocabulary padding aside, set by the mesh)."""
     impl = None if config.attention_impl == "auto" else config.attention_impl
     if impl is not None and impl not in ATTENTION_IMPLS:
         raise ConfigError(f"attention_impl = {impl!r} is not a JAX kernel; expected auto or one "

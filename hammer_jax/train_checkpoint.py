@@ -120,10 +120,3 @@ def _check_shapes(path: Path, params: Any) -> None:
             raise CheckpointError(f"checkpoint {path} holds {name} of shape {saved[name]} where "
                                   f"this model has {tuple(leaf.shape)}"
                                   f"{layout_hint(saved[name], leaf.shape)}")
-
-
-def abstract_state(state_shardings: TrainState, shapes: TrainState) -> TrainState:
-    """Restore targets: each leaf's shape and dtype from `shapes`, its sharding from
-    `state_shardings`."""
-    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                        shapes, state_shardings)

@@ -57,18 +57,35 @@ def init_state(params, tx: optax.GradientTransformation, shardings: TrainState) 
     return TrainState(step=step, params=params, opt_state=opt_state)
 
 
+def state_layout(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation,
+                 mesh: Mesh) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """(graphdef, state shardings, abstract state) of `make_model()` on `mesh` with the optimizer
+    state of `tx`, nothing allocated. The abstract state holds each leaf's shape, dtype and
+    sharding: the target a checkpoint restores into."""
+    from hammer_jax.sharding import model_shardings
+
+    abstract_model = nnx.eval_shape(make_model)
+    graphdef, abstract_params = nnx.split(abstract_model)
+    params = nnx.to_pure_dict(abstract_params)
+    shardings = state_shardings(nnx.to_pure_dict(model_shardings(abstract_model, mesh)), tx, mesh)
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                        opt_state=jax.eval_shape(tx.init, params))
+    abstract = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                            shapes, shardings)
+    return graphdef, shardings, abstract
+
+
+def random_params(make_model: Callable[[], nnx.Module], param_shardings) -> Any:
+    """`make_model()`'s freshly initialized params, made directly in their shards."""
+    return jax.jit(lambda: nnx.to_pure_dict(nnx.state(make_model())), out_shardings=param_shardings)()
+
+
 def fresh_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation,
                 mesh: Mesh) -> tuple[nnx.GraphDef, TrainState, TrainState]:
     """(graphdef, state shardings, state) of `make_model()` initialized directly in its shards on
     `mesh`, with the optimizer state of `tx`: what a run that starts from scratch holds."""
-    from hammer_jax.sharding import model_shardings
-
-    abstract = nnx.eval_shape(make_model)
-    graphdef, _ = nnx.split(abstract)
-    param_shardings = nnx.to_pure_dict(model_shardings(abstract, mesh))
-    shardings = state_shardings(param_shardings, tx, mesh)
-    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make_model())), out_shardings=param_shardings)()
-    return graphdef, shardings, init_state(params, tx, shardings)
+    graphdef, shardings, _ = state_layout(make_model, tx, mesh)
+    return graphdef, shardings, init_state(random_params(make_model, shardings.params), tx, shardings)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
