@@ -51,7 +51,7 @@ def jax_trainer(args, config: ModelConfig) -> dict:
 
     from hammer.train_config import MeshConfig, TrainConfig
     from hammer_jax.model import Llama
-    from hammer_jax.optimizer import learning_rate_schedule, make_optimizer
+    from hammer_jax.optimizer import make_optimizer
     from hammer_jax.sharding import make_mesh
     from hammer_jax.train import model_options_of
     from hammer_jax.train_step import batch_sharding, fresh_state, make_train_step
@@ -64,11 +64,11 @@ def jax_trainer(args, config: ModelConfig) -> dict:
     tx = make_optimizer(train)
     graphdef, shardings, initial = fresh_state(make, tx, mesh)
     state = [initial]
-    step_fn = make_train_step(graphdef, tx, learning_rate_schedule(train), shardings, mesh,
-                              grad_accum=1, loss_chunk=args.loss_chunk)
+    step_fn = make_train_step(graphdef, tx, shardings, mesh, grad_accum=1,
+                              loss_chunk=args.loss_chunk)
 
     def step(batch):
-        state[0], metrics = step_fn(state[0], jax.device_put(batch, batch_sharding(mesh)))
+        state[0], metrics = step_fn(state[0], jax.device_put(batch, batch_sharding(mesh)), train.lr)
         float(metrics["loss"])
 
     compile_s, step_s = timed(step, batches(args, config.vocab_size), args.warmup)
@@ -126,7 +126,7 @@ def torch_trainer(args, config: ModelConfig) -> dict:
         step_fn = train_step.build(train, Llama(config), device)
 
         def step(batch):
-            loss, _, _ = step_fn(torch.from_numpy(batch.astype(np.int64)).to(device))
+            loss, _ = step_fn(torch.from_numpy(batch.astype(np.int64)).to(device), train.lr)
             loss.item()
 
         if device.type == "cuda":

@@ -65,29 +65,37 @@ def check_finite(step: int, **values: float) -> None:
 
 
 class TrainMeter:
-    """The train record of the steps since the previous one, the same on both backends: mean
-    loss, the last update's lr and grad norm, tokens so far, speed (step time excludes data
-    loading, logging, evaluation and checkpoints) and MFU."""
+    """The train record of the steps since the previous one, the same on both backends: the mean
+    of each loss, the count of each counter, the last update's lr and grad norm, tokens so far,
+    speed and MFU. Time is the loop's wall time between reads of the device (data loading, which
+    overlaps the device's work, included; evaluation and checkpoints not)."""
+
+    MEAN_KEYS = ("loss", "z_loss")
+    SUM_KEYS = ("skipped",)
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, devices: int, peak: float | None):
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
         self.devices, self.peak = devices, peak
-        self.losses, self.seconds, self.last = [], 0.0, {}
+        self.steps, self.seconds = [], 0.0
 
-    def add(self, loss: float, seconds: float, lr: float, grad_norm: float) -> None:
-        self.losses.append(loss)
+    def add(self, steps: list[Mapping[str, float]], seconds: float) -> None:
+        """Steps read from the device together, and the wall time they took."""
+        self.steps.extend(steps)
         self.seconds += seconds
-        self.last = {"lr": lr, "grad_norm": grad_norm}
 
     def record(self, step: int) -> dict[str, Any]:
-        steps = len(self.losses)
-        tokens_per_s = steps * self.tokens_per_step / self.seconds
-        record = {"step": step, "kind": "train", "loss": sum(self.losses) / steps, **self.last,
-                  "tokens": step * self.tokens_per_step, "tokens_per_s": tokens_per_s,
-                  "tokens_per_s_per_device": tokens_per_s / self.devices,
-                  "step_time": self.seconds / steps,
-                  "mfu": mfu(self.flops_per_token, tokens_per_s, self.devices, self.peak)}
-        self.losses, self.seconds = [], 0.0
+        n = len(self.steps)
+        tokens_per_s = n * self.tokens_per_step / self.seconds
+        record: dict[str, Any] = {"step": step, "kind": "train"}
+        for key in self.steps[-1]:
+            values = [s[key] for s in self.steps]
+            record[key] = (sum(values) / n if key in self.MEAN_KEYS else
+                           sum(values) if key in self.SUM_KEYS else values[-1])
+        record.update({"tokens": step * self.tokens_per_step, "tokens_per_s": tokens_per_s,
+                       "tokens_per_s_per_device": tokens_per_s / self.devices,
+                       "step_time": self.seconds / n,
+                       "mfu": mfu(self.flops_per_token, tokens_per_s, self.devices, self.peak)})
+        self.steps, self.seconds = [], 0.0
         return record
 
 

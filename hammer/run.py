@@ -8,7 +8,8 @@ command resumes the same run.
     RUN_DIR/checkpoints/    the backend's checkpoints; the newest readable one is resumed
 
 A rerun may change how steps are computed (mesh, remat, kernels, logging, checkpoint cadence) and
-raise `steps`; anything that changes what the run computes is refused, naming the keys.
+raise `steps` (saying what the schedule does: `schedule_steps`); anything that changes what the run
+computes is refused, naming the keys (FROZEN_KEYS and FREE_KEYS say which is which, and why).
 
 Also what both trainers do before and around a run: check their inputs against the model and each
 other (`check_inputs`, `check_init`) and turn SIGTERM into a flag the loop reads (`sigterm_flag`).
@@ -25,15 +26,37 @@ from typing import Any, Callable, Iterator, Mapping
 from hammer.config import ConfigError, ModelConfig
 from hammer.data.prepare import INDEX_FILE
 from hammer.fsio import atomic_file
-from hammer.train_config import TrainConfig
+from hammer.train_config import TrainConfig, from_dict
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
-# Keys whose change would make the resumed run another run (the model and data are compared whole).
-FROZEN_KEYS = ("backend", "batch_size", "grad_accum", "seed", "lr", "warmup_steps", "min_lr_ratio",
-               "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm", "dtype")
+# What a resume may change, key by key: every TrainConfig key is in exactly one of these (a test
+# holds it), so a new key forces the question. The model and the data are compared whole.
+FROZEN_KEYS = (
+    "backend",  # the checkpoints are one backend's
+    "batch_size",  # the data order is cut into batches of this size
+    "seed",  # the init and the data order
+    "lr", "warmup_steps", "min_lr_ratio",  # the schedule (its horizon: `schedule_steps`, below)
+    "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm",  # the update rule
+    "dtype",  # the computed numbers
+)
+FREE_KEYS = (
+    "model", "data",  # compared whole, as the config.json and the data's fingerprint
+    "output",  # the run directory itself
+    "steps",  # how long to train; the schedule's horizon may not follow it silently (below)
+    "schedule_steps",  # an explicit new horizon is the user's choice; the lr before/after is printed
+    "skip_data",  # may gain ranges after the checkpoint, never lose one (the data order so far)
+    "init",  # read when a run starts, not on resume
+    "tokenizer", "validation",  # what is saved beside checkpoints and what is measured
+    "grad_accum",  # how the same batch is split: the same sums (tests/test_jax_train_mesh.py)
+    "mesh", "distributed",  # where the run computes
+    "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_batch_size",
+    "eval_batches", "tensorboard",  # what is saved and logged
+    "attention_impl", "scan_layers", "remat", "loss_chunk", "compile", "peak_flops",
+    "compilation_cache",  # how a step is computed: the same loss, other speed and memory
+)
 
 
 def data_fingerprint(mixture) -> dict[str, Any]:
@@ -48,9 +71,17 @@ def data_fingerprint(mixture) -> dict[str, Any]:
     }
 
 
-def open_run(config: TrainConfig, model: ModelConfig, data: dict[str, Any], *, write: bool = True) -> Path:
+def previous_config(run_dir: str | Path) -> TrainConfig | None:
+    """The config a run directory was last started with (None for a new run)."""
+    file = Path(run_dir) / RUN_FILE
+    return from_dict(json.loads(file.read_text())["config"]) if file.is_file() else None
+
+
+def open_run(config: TrainConfig, model: ModelConfig, data: dict[str, Any], *, write: bool = True,
+             trained_steps: int = 0) -> Path:
     """The run directory, created for a new run or checked against the run it already holds
     (`write=False`: checked only, as every process of a multi-host run does before process 0 writes).
+    `trained_steps`: the newest checkpoint's step, which `steps` may not fall below.
 
     Call it after every input has been checked: a bad config must leave no directory behind."""
     run = Path(config.output)
@@ -66,6 +97,7 @@ def open_run(config: TrainConfig, model: ModelConfig, data: dict[str, Any], *, w
             raise ConfigError(
                 f"{run} holds a run with another {', '.join(differ)}" + (f" ({detail})" if detail else "")
                 + "; rerun with the run's own settings, or choose a new output directory")
+        _check_resume(run, previous_config(run), config, trained_steps)
     elif run.exists() and any(run.iterdir()):
         raise ConfigError(f"output {run} exists and is not a hammer run directory (no {RUN_FILE}); "
                           f"choose a new output directory")
@@ -73,6 +105,42 @@ def open_run(config: TrainConfig, model: ModelConfig, data: dict[str, Any], *, w
         with atomic_file(file) as f:
             f.write(json.dumps(record, indent=2) + "\n")
     return run
+
+
+def _check_resume(run: Path, old: TrainConfig, new: TrainConfig, trained: int) -> None:
+    """The keys a resume may change, changed only as they may be."""
+    if new.steps < trained:
+        raise ConfigError(f"steps = {new.steps}, but {run} has trained {trained} steps already "
+                          f"(its newest checkpoint); raise steps, or choose a new output directory")
+    if not new.schedule_steps and new.horizon != old.horizon:
+        raise ConfigError(
+            f"steps {old.steps} -> {new.steps} would move the learning-rate schedule's horizon from "
+            f"{old.horizon} to {new.horizon} steps, changing the lr of every step from here on; say "
+            f"which you mean: schedule_steps={old.horizon} keeps the schedule (the lr stays at its "
+            f"floor after step {old.horizon}), schedule_steps={new.horizon} stretches it")
+    lost = [list(r) for r in old.skip_data if r not in new.skip_data]
+    if lost:
+        raise ConfigError(f"skip_data drops {lost}, which this run skipped; a resume may add ranges, "
+                          f"never drop one: keep {[list(r) for r in old.skip_data]}")
+    position = data_position(trained, old.skip_data)
+    late = [list(r) for r in new.skip_data if r not in old.skip_data and r[0] <= position]
+    if late:
+        raise ConfigError(f"skip_data {late} reaches batches {run} has already trained on (its "
+                          f"newest checkpoint is at batch {position} of the data order); a new "
+                          f"range must start after {position}")
+
+
+def data_position(steps: int, skip_data) -> int:
+    """Batches of the data order a run has gone through after `steps` steps that skip the
+    [first, last] ranges `skip_data` (batch k is the one step k reads when nothing is skipped)."""
+    position = 0
+    for first, last in skip_data:
+        before = first - 1 - position  # batches trained on before this range
+        if steps <= before:
+            break
+        steps -= before
+        position = last
+    return position + steps
 
 
 def check_inputs(config: TrainConfig, model: ModelConfig, mixture, validation: Mapping[str, Any]):

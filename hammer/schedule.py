@@ -20,13 +20,14 @@ def learning_rate(step: int, *, peak: float, warmup_steps: int, total_steps: int
     """The learning rate of optimizer step `step` (0-based: the first update uses lr(0))."""
     if step < warmup_steps:
         return peak * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    # past the horizon (a run trained beyond its schedule) the lr stays at the cosine's end
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return peak * max(min_lr_ratio, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def from_config(config) -> Callable[[int], float]:
-    """`learning_rate` with a `TrainConfig`'s lr, warmup_steps, steps and min_lr_ratio bound."""
+    """`learning_rate` with a `TrainConfig`'s lr, warmup_steps, horizon and min_lr_ratio bound."""
     def schedule(step: int) -> float:
         return learning_rate(step, peak=config.lr, warmup_steps=config.warmup_steps,
-                             total_steps=config.steps, min_lr_ratio=config.min_lr_ratio)
+                             total_steps=config.horizon, min_lr_ratio=config.min_lr_ratio)
     return schedule

@@ -104,7 +104,7 @@ class TrainConfig:
     model: str  # an HF config.json, or a directory holding one
     data: tuple[str, ...]  # prepared directories, each "DIR" or "DIR:WEIGHT"
     output: str  # the run directory; rerunning on it resumes
-    steps: int  # optimizer steps of the whole run
+    steps: int  # optimizer steps to train (raising it trains longer; the schedule's horizon is apart)
     batch_size: int  # sequences per optimizer step, all devices together
     init: str = ""  # HF directory or hammer checkpoint whose weights start the run ("" = random)
     tokenizer: str = ""  # tokenizer directory saved with exported checkpoints ("" = none)
@@ -115,12 +115,19 @@ class TrainConfig:
     lr: float = 5e-4
     warmup_steps: int = 2000
     min_lr_ratio: float = 0.1
+    # The learning-rate schedule's horizon (0: `steps`). A resume that changes `steps` must say
+    # whether the schedule keeps its horizon (the old steps: the lr stays at its floor after it)
+    # or stretches to the new one; hammer.run refuses a silent change.
+    schedule_steps: int = 0
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0  # 0: no clipping
     seed: int = 3407
+    # [first, last] step ranges (1-based, inclusive) of the data order whose batches are never
+    # trained on: a diverged run resumes past the batches that made it diverge.
+    skip_data: tuple[tuple[int, ...], ...] = ()
     dtype: str = "bfloat16"  # compute dtype; master weights and optimizer state stay float32
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -139,6 +146,10 @@ class TrainConfig:
     loss_chunk: int = 1024  # positions whose logits exist at once in the cross-entropy
     compile: str = "auto"  # torch: auto (blocks on CUDA, none on CPU), blocks, model, none
     peak_flops: float = 0.0  # dense bf16 FLOP/s of one device for MFU (0: from the device table)
+    # jax: XLA's persistent compilation cache, so a resume or a run that differs only in lr or
+    # steps reuses the compiled step. auto: JAX's own setting when one is made
+    # (JAX_COMPILATION_CACHE_DIR), else $XDG_CACHE_HOME/hammer/xla; "off": none; else a directory.
+    compilation_cache: str = "auto"
 
     def __post_init__(self):
         _check_types({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -152,6 +163,7 @@ class TrainConfig:
             ("grad_accum", self.grad_accum >= 1, ">= 1"),
             ("lr", self.lr > 0, "> 0"),
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("schedule_steps", self.schedule_steps >= 0, ">= 0 (0: steps)"),
             ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("adam_beta1", 0 <= self.adam_beta1 < 1, "in [0, 1)"),
@@ -183,6 +195,12 @@ class TrainConfig:
         for key in ("model", "output"):
             if not getattr(self, key):
                 raise ConfigError(f"{key} is empty; expected a path")
+        _check_ranges(self.skip_data)
+
+    @property
+    def horizon(self) -> int:
+        """The step count the learning-rate schedule spans."""
+        return self.schedule_steps or self.steps
 
     @property
     def micro_batch_size(self) -> int:
@@ -195,6 +213,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["data"], d["validation"] = list(self.data), dict(self.validation)
+        d["skip_data"] = [list(r) for r in self.skip_data]
         return d
 
     def replace(self, **changes: Any) -> "TrainConfig":
@@ -244,12 +263,25 @@ def from_dict(values: Mapping[str, Any]) -> TrainConfig:
         values["data"] = [values["data"]]
     _check_types(values, TrainConfig, "")
     values["data"] = tuple(values["data"])
+    if "skip_data" in values:
+        values["skip_data"] = tuple(tuple(r) for r in values["skip_data"])
     values["validation"] = dict(values.get("validation", {}))
     for key in ("lr", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
                 "max_grad_norm", "peak_flops"):
         if key in values:
             values[key] = float(values[key])
     return TrainConfig(**values, **tables)
+
+
+def _check_ranges(ranges: tuple[tuple[int, ...], ...]) -> None:
+    previous = 0
+    for r in ranges:
+        if len(r) != 2 or not 1 <= r[0] <= r[1]:
+            raise ConfigError(f"skip_data range {list(r)} is not [first, last] with 1 <= first <= last")
+        if r[0] <= previous:
+            raise ConfigError(f"skip_data ranges {[list(x) for x in ranges]} overlap or are out of "
+                              f"order; expected ascending, disjoint [first, last] pairs")
+        previous = r[1]
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -303,7 +335,7 @@ def _is_instance(value: Any, expected: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if expected is str:
         return isinstance(value, str)
-    if origin is tuple:  # tuple[str, ...] or tuple[int, ...], written as a TOML array
+    if origin is tuple:  # tuple[str, ...], tuple[int, ...] or of those, written as a TOML array
         item = typing.get_args(expected)[0]
         return isinstance(value, (list, tuple)) and all(_is_instance(v, item) for v in value)
     if origin in (collections.abc.Mapping, dict):
@@ -316,7 +348,8 @@ def _is_instance(value: Any, expected: Any) -> bool:
 
 def _describe(expected: Any) -> str:
     if typing.get_origin(expected) is tuple:
-        return {str: "a list of strings", int: "a list of integers"}[typing.get_args(expected)[0]]
+        return {str: "a list of strings", int: "a list of integers"}.get(
+            typing.get_args(expected)[0], "a list of [first, last] pairs of integers")
     if typing.get_origin(expected) in (collections.abc.Mapping, dict):
         return "a table of name = string"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(

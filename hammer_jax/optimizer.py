@@ -1,10 +1,9 @@
-"""HammerLLM's optimizer as optax pieces: global-norm clipping, then AdamW on the clamped cosine.
+"""HammerLLM's optimizer as optax pieces: global-norm clipping, then AdamW.
 
-The schedule is `hammer.schedule.learning_rate` built from optax's own schedules: linear warmup
-from 0, then a cosine from the peak to 0 over the remaining steps, clamped from below at
-`min_lr_ratio` of the peak (not optax's warmup_cosine_decay_schedule, which rescales the cosine to
-end at the floor). Update k (0-based) uses lr(k), so the first update uses lr(0) = 0 during
-warmup, as HF Trainer's LambdaLR does.
+The learning rate is not in here: the train step takes it as an argument (the loop evaluates
+`hammer.schedule`, the one definition both backends use), so one compiled step serves any lr,
+schedule or run length. AdamW runs at a constant rate of 1, as a schedule so that its state keeps
+the layout of checkpoints written when the schedule lived here, and the step scales its update.
 
 Weight decay skips the parameters HF Trainer's `get_decay_parameter_names` skips: biases and norms,
 matched by the same name patterns on the dotted parameter path (embeddings and the head decay).
@@ -14,24 +13,12 @@ from __future__ import annotations
 import re
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from hammer.train_config import TrainConfig
 
 # transformers.Trainer.get_decay_parameter_names' patterns.
 NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
-
-
-def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
-    peak, warmup = config.lr, config.warmup_steps
-    warm = optax.linear_schedule(0.0, peak, transition_steps=max(1, warmup))
-    cosine = optax.cosine_decay_schedule(peak, decay_steps=max(1, config.steps - warmup))
-
-    def clamped(step):
-        return jnp.maximum(config.min_lr_ratio * peak, cosine(step))
-
-    return optax.join_schedules([warm, clamped], [warmup])
 
 
 def decays(path: str) -> bool:
@@ -45,7 +32,7 @@ def decay_mask(params):
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    adamw = optax.adamw(learning_rate_schedule(config), b1=config.adam_beta1, b2=config.adam_beta2,
+    adamw = optax.adamw(lambda _: 1.0, b1=config.adam_beta1, b2=config.adam_beta2,
                         eps=config.adam_eps, weight_decay=config.weight_decay, mask=decay_mask)
     if not config.max_grad_norm:
         return adamw

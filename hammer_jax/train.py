@@ -1,8 +1,7 @@
 """`hammer train` on the JAX backend: HammerLLM's recipe on a device mesh, resumable at any time.
 
     config -> processes -> mesh -> data -> run directory -> model and optimizer state (fresh or
-    resumed) -> loop: step, log, evaluate, checkpoint; SIGTERM saves and exits 0; a non-finite loss
-    stops the run
+    resumed) -> hammer.train_loop with this backend's step, evaluation and checkpoints
 
 Everything a user can get wrong (model config, mesh, batch layout, data, validation sets, init
 weights, tokenizer) is checked before the run directory is made, so a bad config leaves nothing
@@ -17,25 +16,26 @@ filesystem every host sees.
 from __future__ import annotations
 
 import contextlib
-import sys
+import os
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 import convert
 from hammer.config import ConfigError, ModelConfig
 from hammer.data.loader import Loader, LoaderState, eval_batches, mixture_from_specs, validation_sets
-from hammer.metrics import MetricsLog, TrainMeter, check_finite, peak_flops, perplexity
-from hammer.run import check_init, check_inputs, data_fingerprint, open_run, sigterm_flag
+from hammer.metrics import TrainMeter, peak_flops
+from hammer.run import check_init, check_inputs, data_fingerprint, open_run, previous_config
 from hammer.train_config import TrainConfig
+from hammer.train_loop import train_loop
 from hammer_jax.checkpoint import model_from_params
 from hammer_jax.distributed import BatchPlacer, any_process, join, sync
 from hammer_jax.model import ATTENTION_IMPLS, Llama
-from hammer_jax.optimizer import learning_rate_schedule, make_optimizer
+from hammer_jax.optimizer import make_optimizer
 from hammer_jax.sharding import make_mesh
 from hammer_jax.train_checkpoint import TrainCheckpoints
 from hammer_jax.train_step import (
@@ -53,6 +53,7 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 def train(config: TrainConfig) -> Path:
     """Runs (or resumes) the run `config` describes; returns its directory."""
     join(config.distributed)  # before anything else asks JAX about devices
+    use_compilation_cache(config.compilation_cache)
     primary = jax.process_index() == 0
     model_config = config.model_config()
     model_options = model_options_of(config)
@@ -68,12 +69,15 @@ def train(config: TrainConfig) -> Path:
     fingerprint = data_fingerprint(mixture)  # hashes every dataset's index: once a run
     if config.init:
         _check_init_dir(config.init, model_config)
+    run_dir = Path(config.output)
+    previous = previous_config(run_dir)
+    trained = max(TrainCheckpoints.steps(run_dir), default=0)
     # every process refuses a run it cannot resume (the same one-line error everywhere), then
     # process 0 alone writes
-    run_dir = open_run(config, model_config, fingerprint, write=False)
+    open_run(config, model_config, fingerprint, write=False, trained_steps=trained)
     sync("hammer: run directory checked")
     if primary:
-        open_run(config, model_config, fingerprint)
+        open_run(config, model_config, fingerprint, trained_steps=trained)
         _write_model_files(run_dir, model_config, tokenizer)
     sync("hammer: run directory open")
     # A run's padded vocabulary is fixed when it starts (128 x the tensor axis, so each shard
@@ -85,7 +89,7 @@ def train(config: TrainConfig) -> Path:
     def make_model():
         return Llama(model_config, rngs=nnx.Rngs(config.seed), **model_options)
 
-    tx, schedule = make_optimizer(config), learning_rate_schedule(config)
+    tx = make_optimizer(config)
     graphdef, shardings, abstract = state_layout(make_model, tx, mesh)
 
     checkpoints = TrainCheckpoints(run_dir, config.keep_checkpoints)
@@ -100,60 +104,79 @@ def train(config: TrainConfig) -> Path:
         state, meta = restored
         start = meta["step"]
         loader.restore(LoaderState.from_dict(meta["loader"]))
-        if primary:
-            print(f"resuming {run_dir} from step {start}", file=sys.stderr)
 
-    step_fn = make_train_step(graphdef, tx, schedule, shardings, mesh,
-                              grad_accum=config.grad_accum, loss_chunk=config.loss_chunk)
-    eval_fn = make_eval_step(graphdef, shardings.params, mesh, loss_chunk=config.loss_chunk)
-    compile_start = time.perf_counter()
-    step_fn = step_fn.lower(state, to_device(loader.batch(loader.step))).compile()
-    compile_time = time.perf_counter() - compile_start
-
+    trainer = JaxTrainer(config, mesh, graphdef, tx, shardings, state, checkpoints, to_device,
+                         {"seed": config.seed, "data": fingerprint})
+    trainer.compile(loader.batch(loader.step))
     meter = TrainMeter(config.batch_size * mixture.block_size,
                        model_config.flops_per_token(mixture.block_size), jax.device_count(),
                        peak_flops(jax.local_devices()[0].device_kind, config.peak_flops))
-    metrics = MetricsLog(run_dir, start, tensorboard=config.tensorboard) if primary else None
-    bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", file=sys.stderr,
-               dynamic_ncols=True, mininterval=1.0, disable=not primary)
-    with sigterm_flag() as preempted, contextlib.ExitStack() as closing:
-        closing.callback(bar.close)
+    with contextlib.ExitStack() as closing:
         closing.callback(checkpoints.close)
         closing.callback(checkpoints.wait)  # a save already started is of a good step: let it finish
-        if primary:
-            closing.enter_context(metrics)
-        for done in range(start + 1, config.steps + 1):
-            batch = to_device(next(loader))
-            began = time.perf_counter()
-            state, out = step_fn(state, batch)
-            out = {k: float(v) for k, v in jax.device_get(out).items()}
-            meter.add(out["loss"], time.perf_counter() - began, out["lr"], out["grad_norm"])
-            check_finite(done, loss=out["loss"], grad_norm=out["grad_norm"])
-            bar.update()
-            if done % config.log_every == 0 or done == config.steps:
-                record = meter.record(done)
-                if compile_time is not None:  # the first record of this process says it
-                    record["compile_time"], compile_time = compile_time, None
-                stats = jax.local_devices()[0].memory_stats() or {}
-                if "peak_bytes_in_use" in stats:
-                    record["peak_memory_gb"] = stats["peak_bytes_in_use"] / 2**30
-                if primary:
-                    metrics.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-            if validation and config.eval_every and done % config.eval_every == 0:
-                record = _evaluate(eval_fn, state.params, validation, config, done, mesh)
-                if primary:
-                    metrics.write(record)
-            stop = any_process(preempted())  # a SIGTERM on any host: all save this step and stop
-            if done % config.checkpoint_every == 0 or done == config.steps or stop:
-                checkpoints.save(state, {"step": done, "loader": loader.state.to_dict(),
-                                         "seed": config.seed, "data": fingerprint})
-            if stop:
-                if primary:
-                    print(f"SIGTERM: saved step {done} in {checkpoints.directory}; rerun the same "
-                          f"command to resume", file=sys.stderr)
-                break
+        train_loop(config, trainer, loader, start=start, run_dir=run_dir, meter=meter,
+                   validation=validation, previous=previous)
     return run_dir
+
+
+class JaxTrainer:
+    """The JAX pieces of `hammer.train_loop`: the sharded state, its jitted step and evaluation,
+    orbax checkpoints."""
+
+    def __init__(self, config: TrainConfig, mesh, graphdef, tx, shardings, state, checkpoints,
+                 to_device: BatchPlacer, meta: dict):
+        self.config, self.mesh, self.state = config, mesh, state
+        self.checkpoints, self.to_device, self.meta = checkpoints, to_device, meta
+        self.primary, self.processes = jax.process_index() == 0, jax.process_count()
+        self.step_fn = make_train_step(graphdef, tx, shardings, mesh, grad_accum=config.grad_accum,
+                                       loss_chunk=config.loss_chunk)
+        self.eval_fn = make_eval_step(graphdef, shardings.params, mesh, loss_chunk=config.loss_chunk)
+        self.compile_time = None
+
+    def compile(self, rows: np.ndarray) -> None:
+        began = time.perf_counter()
+        self.step_fn = self.step_fn.lower(self.state, self.to_device(rows), jnp.float32(0)).compile()
+        self.compile_time = time.perf_counter() - began
+
+    def step(self, rows: np.ndarray, lr: float):
+        self.state, out = self.step_fn(self.state, self.to_device(rows), jnp.float32(lr))
+        return out
+
+    def read(self, outputs: list) -> list[dict[str, float]]:
+        return [{k: float(v) for k, v in out.items()} for out in jax.device_get(outputs)]
+
+    def eval_batches(self, dataset):
+        place = BatchPlacer(self.mesh, self.config.eval_batch_size, dataset.block_size)
+        for rows in eval_batches(dataset, self.config.eval_batch_size, rows=place.rows,
+                                 drop_remainder=True):
+            yield place(rows)
+
+    def eval_nll(self, batches) -> tuple[float, int]:
+        total, count = jnp.zeros((), jnp.float32), 0
+        for batch in batches:
+            total, count = total + self.eval_fn(self.state.params, batch), count + 1
+        return float(total), count
+
+    def save(self, step: int, loader_state: dict) -> None:
+        self.checkpoints.save(self.state, {"step": step, "loader": loader_state, **self.meta})
+
+    def agree(self, flag: bool) -> bool:
+        return any_process(flag)
+
+    def peak_memory_gb(self) -> float | None:
+        stats = jax.local_devices()[0].memory_stats() or {}
+        return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
+
+
+def use_compilation_cache(setting: str) -> None:
+    """Points XLA's persistent compilation cache where `compilation_cache` says (TrainConfig)."""
+    if setting == "off":
+        return
+    if setting == "auto":
+        if jax.config.jax_compilation_cache_dir:  # the user's own JAX setting wins
+            return
+        setting = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hammer" / "xla")
+    jax.config.update("jax_compilation_cache_dir", setting)
 
 
 def model_options_of(config: TrainConfig) -> dict:
@@ -197,20 +220,3 @@ def _write_model_files(run_dir: Path, model: ModelConfig, tokenizer) -> None:
         model.save(run_dir, dtype="float32")
     if tokenizer is not None and not (run_dir / "tokenizer.model").is_file():  # a rerun keeps them
         tokenizer.save_pretrained(run_dir)
-
-
-def _evaluate(eval_fn, params, validation, config: TrainConfig, step: int, mesh) -> dict:
-    """Per-domain loss and perplexity over the first `eval_batches` full batches of each set."""
-    domains = {}
-    for name, ds in validation.items():
-        place = BatchPlacer(mesh, config.eval_batch_size, ds.block_size)
-        total, tokens = 0.0, 0
-        batches = eval_batches(ds, config.eval_batch_size, rows=place.rows, drop_remainder=True)
-        for i, rows in enumerate(batches):
-            if config.eval_batches and i == config.eval_batches:
-                break
-            total += float(eval_fn(params, place(rows)))
-            tokens += config.eval_batch_size * (ds.block_size - 1)
-        loss = total / tokens
-        domains[name] = {"loss": loss, "ppl": perplexity(loss), "tokens": tokens}
-    return {"step": step, "kind": "eval", "domains": domains}

@@ -49,6 +49,14 @@ class TrainCheckpoints:
                                                enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
+    @staticmethod
+    def steps(run_dir: str | Path) -> list[int]:
+        """The steps a run directory holds checkpoints of (orbax's temporary ones aside)."""
+        directory = Path(run_dir) / CHECKPOINTS_DIR
+        if not directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
     def save(self, state: TrainState, meta: dict[str, Any]) -> None:
         """Starts an asynchronous save of `state` at its step (`meta["step"]`)."""
         self.manager.save(meta["step"], args=ocp.args.Composite(

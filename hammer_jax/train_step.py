@@ -89,9 +89,12 @@ def fresh_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransfor
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: Callable, shardings: TrainState, mesh: Mesh, *, grad_accum: int,
-                    loss_chunk: int) -> Callable:
-    """jit(state, batch [B, S] int32) -> (state, {"loss", "grad_norm", "lr"}); donates the state."""
+                    shardings: TrainState, mesh: Mesh, *, grad_accum: int, loss_chunk: int
+                    ) -> Callable:
+    """jit(state, batch [B, S] int32, lr) -> (state, {"loss", "grad_norm"}); donates the state.
+
+    `tx` updates at a learning rate of 1 (hammer_jax.optimizer); the step scales by `lr`, a
+    runtime float32 scalar, so the compiled step does not depend on the schedule."""
     shards = batch_shards(mesh)
     micro_sharding = NamedSharding(mesh, P(None, BATCH_AXES, None))
 
@@ -99,7 +102,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         total, _ = nll_sum(nnx.merge(graphdef, params), ids, loss_chunk, shards)
         return total / tokens
 
-    def step(state: TrainState, batch):
+    def step(state: TrainState, batch, lr):
         rows, seq = batch.shape
         tokens = rows * (seq - 1)  # every position of every block but its last predicts one
         micro = batch.reshape(rows // grad_accum, grad_accum, seq).swapaxes(0, 1)
@@ -115,12 +118,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        params = optax.apply_updates(state.params, optax.tree.scale(lr, updates))
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     replicated = NamedSharding(mesh, P())
-    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh), replicated),
                    out_shardings=(shardings, replicated), donate_argnums=0)
 
 

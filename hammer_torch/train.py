@@ -13,29 +13,26 @@ on every rank, so clipping at their global norm needs no communication; ZeRO-1
 (`ZeroRedundancyOptimizer`) keeps on each rank only its part of AdamW's state, updates those
 parameters and broadcasts them. Master weights and optimizer state are float32; `dtype = "bfloat16"`
 runs forward under autocast, as HF Trainer's `--bf16` did (BUILD.md, "Mixed precision").
-The step itself is `hammer_torch.train_step`; this module is the loop around it: data, resume, logs,
-evaluation, checkpoints (`hammer_torch.train_checkpoint`), SIGTERM.
+The step itself is `hammer_torch.train_step`; this module gives it, with evaluation and checkpoints
+(`hammer_torch.train_checkpoint`), to the loop both trainers share (`hammer.train_loop`).
 """
 from __future__ import annotations
 
-import contextlib
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
+from convert.hf import torch_step_dirs
 from hammer.config import ConfigError, ModelConfig
 from hammer.data.loader import Loader, LoaderState, eval_batches, mixture_from_specs, validation_sets
-from hammer.metrics import MetricsLog, TrainMeter, check_finite, peak_flops, perplexity
-from hammer.run import CHECKPOINTS_DIR, check_init, check_inputs, data_fingerprint, open_run, sigterm_flag
+from hammer.metrics import TrainMeter, peak_flops
+from hammer.run import CHECKPOINTS_DIR, check_init, check_inputs, data_fingerprint, open_run, previous_config
 from hammer.train_config import TrainConfig
+from hammer.train_loop import train_loop
 from hammer_torch import train_checkpoint, train_step
 from hammer_torch.checkpoint import from_tensors
-from hammer_torch.loss import CausalLMLoss
 from hammer_torch.model import Llama
 
 
@@ -60,77 +57,97 @@ def train(config: TrainConfig) -> Path:
             raise ConfigError(f"eval_batch_size {config.eval_batch_size} is not divisible by {world} processes")
         model = _initial_model(config, model_config)
         run_dir = Path(config.output)
+        previous = previous_config(run_dir)
+        steps = torch_step_dirs(run_dir / CHECKPOINTS_DIR)
+        trained = int(steps[-1].name.removeprefix("step_")) if steps else 0
         if rank == 0:
-            open_run(config, model_config, data_fingerprint(mixture))
+            open_run(config, model_config, data_fingerprint(mixture), trained_steps=trained)
         dist.barrier()
-        return _train(config, model_config, model, mixture, validation, tokenizer, run_dir, device)
+        return _train(config, model_config, model, mixture, validation, tokenizer, run_dir, device,
+                      previous)
 
 
 def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture, validation,
-           tokenizer, run_dir: Path, device: torch.device) -> Path:
+           tokenizer, run_dir: Path, device: torch.device, previous: TrainConfig | None) -> Path:
     rank, world = dist.get_rank(), dist.get_world_size()
     step_fn = train_step.build(config, model, device)
-    optimizer, scheduler = step_fn.optimizer, step_fn.scheduler
-
     checkpoints = run_dir / CHECKPOINTS_DIR
-    resumed = train_checkpoint.restore(checkpoints, model_config, model, optimizer, scheduler)
-    step = resumed.step if resumed else 0
-    loader = Loader(mixture, config.batch_size, seed=config.seed, step=step,
+    resumed = train_checkpoint.restore(checkpoints, model_config, model, step_fn.optimizer)
+    start = resumed.step if resumed else 0
+    loader = Loader(mixture, config.batch_size, seed=config.seed, step=start,
                     process_index=rank, process_count=world)
     if resumed:
         loader.restore(LoaderState.from_dict(resumed.loader))
-        if rank == 0:
-            print(f"resuming {run_dir} from step {step}", file=sys.stderr)
     meter = TrainMeter(config.batch_size * mixture.block_size,
                        model_config.flops_per_token(mixture.block_size), world,
                        peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                                   config.peak_flops))
-
-    metrics = MetricsLog(run_dir, step, tensorboard=config.tensorboard) if rank == 0 else None
-    progress = tqdm(total=config.steps, initial=step, disable=rank != 0, desc="train", unit="step",
-                    file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with sigterm_flag() as sigterm, contextlib.ExitStack() as closing:
-        if metrics is not None:
-            closing.enter_context(metrics)
-        closing.callback(progress.close)
-        while step < config.steps:
-            rows = torch.from_numpy(next(loader).astype(np.int64)).to(device)
-            began = time.perf_counter()
-            rank_loss, grad_norm, lr = step_fn(rows)
-            # One all-reduce: the step's mean loss over every rank and whether any rank got SIGTERM.
-            shared = torch.stack([rank_loss, torch.tensor(float(sigterm()), dtype=torch.float64,
-                                                           device=device)])
-            dist.all_reduce(shared)
-            step_loss, stop = shared[0].item() / world, shared[1].item() > 0
-            grad_norm = grad_norm.item()
-            check_finite(step + 1, loss=step_loss, grad_norm=grad_norm)
-            meter.add(step_loss, time.perf_counter() - began, lr, grad_norm)
-            step += 1
-            progress.update()
-
-            if step % config.log_every == 0 or step == config.steps or stop:
-                record = meter.record(step)
-                if device.type == "cuda":
-                    record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                if metrics is not None:
-                    metrics.write(record)
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-            if validation and config.eval_every and step % config.eval_every == 0:
-                domains = _evaluate(step_fn.loss_module, validation, config, step_fn.autocast, device)
-                if metrics is not None:
-                    metrics.write({"step": step, "kind": "eval", "domains": domains})
-            if step % config.checkpoint_every == 0 or step == config.steps or stop:
-                train_checkpoint.save(checkpoints, train_checkpoint.TrainerState(
-                    step, loader.state.to_dict()), model, optimizer, scheduler,
-                    config.keep_checkpoints, tokenizer)
-            if stop:
-                if rank == 0:
-                    print(f"SIGTERM: saved step {step} in {checkpoints}; rerun the same command to "
-                          f"resume", file=sys.stderr)
-                break
+    trainer = TorchTrainer(config, step_fn, device, checkpoints, model, tokenizer)
+    train_loop(config, trainer, loader, start=start, run_dir=run_dir, meter=meter,
+               validation=validation, previous=previous)
     return run_dir
+
+
+class TorchTrainer:
+    """The torch pieces of `hammer.train_loop`: the DDP + ZeRO-1 step, evaluation over all ranks,
+    checkpoints."""
+
+    compile_time = None  # torch.compile compiles in the first steps, inside their time
+
+    def __init__(self, config: TrainConfig, step_fn: train_step.TrainStep, device: torch.device,
+                 checkpoints: Path, model: Llama, tokenizer):
+        self.config, self.step_fn, self.device = config, step_fn, device
+        self.checkpoints, self.model, self.tokenizer = checkpoints, model, tokenizer
+        self.primary, self.processes = dist.get_rank() == 0, dist.get_world_size()
+
+    def step(self, rows: np.ndarray, lr: float):
+        return self.step_fn(torch.from_numpy(rows.astype(np.int64)).to(self.device), lr)
+
+    def read(self, outputs: list) -> list[dict[str, float]]:
+        losses = torch.stack([loss for loss, _ in outputs])  # this rank's means, float64
+        dist.all_reduce(losses)
+        norms = torch.stack([norm for _, norm in outputs]).double()
+        table = torch.stack([losses / self.processes, norms]).tolist()
+        return [{"loss": loss, "grad_norm": norm} for loss, norm in zip(*table)]
+
+    def eval_batches(self, dataset):
+        for rows in eval_batches(dataset, self.config.eval_batch_size, drop_remainder=True,
+                                 process_index=dist.get_rank(), process_count=self.processes):
+            yield torch.from_numpy(rows.astype(np.int64)).to(self.device)
+
+    @torch.no_grad()
+    def eval_nll(self, batches) -> tuple[float, int]:
+        loss_module = self.step_fn.loss_module
+        loss_module.eval()
+        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        for ids in batches:
+            if len(ids):
+                with self.step_fn.autocast:
+                    mean = loss_module(ids)
+                total += mean.double() * (ids.shape[0] * (ids.shape[1] - 1))
+            count += 1
+        loss_module.train()
+        dist.all_reduce(total)
+        return total.item(), count
+
+    def save(self, step: int, loader_state: dict) -> None:
+        train_checkpoint.save(self.checkpoints, train_checkpoint.TrainerState(step, loader_state),
+                              self.model, self.step_fn.optimizer, self.config.keep_checkpoints,
+                              self.tokenizer)
+
+    def agree(self, flag: bool) -> bool:
+        if self.processes == 1:
+            return flag
+        shared = torch.tensor(float(flag), device=self.device)
+        dist.all_reduce(shared)
+        return shared.item() > 0
+
+    def peak_memory_gb(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 2**30
 
 
 def _initial_model(config: TrainConfig, model_config: ModelConfig) -> Llama:
@@ -146,30 +163,3 @@ def _initial_model(config: TrainConfig, model_config: ModelConfig) -> Llama:
     model = from_tensors(model_config, convert.check_hf(tensors, model_config), torch.float32,
                          config.attention_impl)
     return model.train()
-
-
-@torch.no_grad()
-def _evaluate(loss_module: CausalLMLoss, validation, config: TrainConfig, autocast,
-              device: torch.device) -> dict[str, dict[str, float]]:
-    """Mean next-token loss of each validation set (the first `eval_batches` batches), all ranks."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    loss_module.eval()
-    domains = {}
-    for name, dataset in validation.items():
-        total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, predicted tokens
-        batches = eval_batches(dataset, config.eval_batch_size, process_index=rank, process_count=world)
-        for i, rows in enumerate(batches):
-            if config.eval_batches and i == config.eval_batches:
-                break
-            if len(rows):
-                ids = torch.from_numpy(rows.astype(np.int64)).to(device)
-                with autocast:
-                    mean = loss_module(ids)
-                count = ids.shape[0] * (ids.shape[1] - 1)
-                total += torch.stack([mean.double() * count, torch.tensor(count, dtype=torch.float64,
-                                                                          device=device)])
-        dist.all_reduce(total)
-        loss = (total[0] / total[1]).item()
-        domains[name] = {"loss": loss, "ppl": perplexity(loss), "tokens": int(total[1].item())}
-    loss_module.train()
-    return domains

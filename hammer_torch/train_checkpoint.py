@@ -5,7 +5,7 @@ that resumes the run exactly.
         config.json, generation_config.json, model.safetensors   the weights with HF names (float32):
                                                                  `hammer convert/eval/generate` and a
                                                                  JAX run's `init` read them as they are
-        optimizer.pt      AdamW's state consolidated from the ZeRO-1 shards, and the LR scheduler's
+        optimizer.pt      AdamW's state consolidated from the ZeRO-1 shards
         trainer.json      step, loader state (seed, step), world size
         rng.pt            the torch (and CUDA) RNG state of every rank
 
@@ -44,8 +44,7 @@ class TrainerState:
     loader: dict[str, int]  # LoaderState.to_dict()
 
 
-def save(directory: Path, state: TrainerState, model: torch.nn.Module, optimizer, scheduler,
-         keep: int, tokenizer: Any = None) -> Path | None:
+def save(directory: Path, state: TrainerState, model: torch.nn.Module, optimizer, keep: int, tokenizer: Any = None) -> Path | None:
     """Collective: every rank calls it. Rank 0 writes step_<N> and drops all but the newest `keep`."""
     optimizer.consolidate_state_dict(to=0)  # ZeRO-1: each rank sends its shard of AdamW's state
     rng = {"cpu": torch.get_rng_state(),
@@ -62,8 +61,7 @@ def save(directory: Path, state: TrainerState, model: torch.nn.Module, optimizer
             for file in hf.iterdir():  # the step directory itself is the HF directory
                 file.rename(tmp / file.name)
             hf.rmdir()
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                       tmp / OPTIMIZER_FILE)
+            torch.save({"optimizer": optimizer.state_dict()}, tmp / OPTIMIZER_FILE)
             torch.save(rngs, tmp / RNG_FILE)
             (tmp / TRAINER_FILE).write_text(json.dumps(
                 {"step": state.step, "loader": state.loader,
@@ -74,9 +72,9 @@ def save(directory: Path, state: TrainerState, model: torch.nn.Module, optimizer
     return path
 
 
-def restore(directory: Path, model_config: ModelConfig, model: torch.nn.Module, optimizer,
-            scheduler) -> TrainerState | None:
-    """Loads the newest readable checkpoint into model, optimizer, scheduler and this rank's RNG;
+def restore(directory: Path, model_config: ModelConfig, model: torch.nn.Module, optimizer
+            ) -> TrainerState | None:
+    """Loads the newest readable checkpoint into model, optimizer and this rank's RNG;
     None when the run has none yet."""
     candidates = torch_step_dirs(directory)
     if not candidates:
@@ -92,7 +90,6 @@ def restore(directory: Path, model_config: ModelConfig, model: torch.nn.Module, 
             continue
         model.load_state_dict(tensors, strict=True)
         optimizer.load_state_dict(saved["optimizer"])  # ZeRO-1 keeps this rank's partition
-        scheduler.load_state_dict(saved["scheduler"])
         rank = dist.get_rank()
         if rank < len(rngs):  # the same world size: each rank continues its own streams
             torch.set_rng_state(rngs[rank]["cpu"])

@@ -1,5 +1,6 @@
 """One optimizer step of the torch trainer, and the engines it runs on: DDP over the loss module,
-AdamW partitioned by ZeRO-1, LambdaLR on the shared schedule, bf16 autocast.
+AdamW partitioned by ZeRO-1, bf16 autocast. The learning rate comes with each step (the loop
+evaluates `hammer.schedule`, the one definition both backends use).
 
 `hammer_torch.train` loops over `TrainStep.__call__`; bench/train_throughput.py times the very same.
 """
@@ -15,9 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.lr_scheduler import LambdaLR
 
-from hammer import schedule
 from hammer.train_config import TrainConfig
 from hammer_torch.loss import CausalLMLoss
 from hammer_torch.model import Block, Llama
@@ -29,15 +28,14 @@ class TrainStep:
     loss_module: CausalLMLoss  # the model with its loss as forward, compiled as configured
     ddp: DistributedDataParallel
     optimizer: ZeroRedundancyOptimizer
-    scheduler: LambdaLR
     autocast: torch.autocast
     grad_accum: int
     max_grad_norm: float
 
-    def __call__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """One update from this rank's rows of a global batch (int64 `[B / P, T]` on the device):
-        (this rank's mean loss as a float64 tensor, the global gradient norm before clipping, the lr
-        the update used). Nothing is read back from the device."""
+    def __call__(self, rows: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update at learning rate `lr` from this rank's rows of a global batch (int64
+        `[B / P, T]` on the device): (this rank's mean loss as a float64 tensor, the global gradient
+        norm before clipping). Nothing is read back from the device."""
         micro_batches = rows.chunk(self.grad_accum)
         loss_sum = torch.zeros((), dtype=torch.float64, device=rows.device)
         for i, ids in enumerate(micro_batches):
@@ -49,11 +47,11 @@ class TrainStep:
             loss_sum += loss.detach().double()
         # After the all-reduce every rank holds the full mean gradient: its norm is the global one.
         grad_norm = torch.nn.utils.clip_grad_norm_(self.ddp.parameters(), self.max_grad_norm or math.inf)
-        lr = self.scheduler.get_last_lr()[0]
+        for group in self.optimizer.param_groups:  # ZeRO-1 passes them to its local AdamW
+            group["lr"] = lr
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / self.grad_accum, grad_norm, lr
+        return loss_sum / self.grad_accum, grad_norm
 
 
 def build(config: TrainConfig, model: Llama, device: torch.device) -> TrainStep:
@@ -62,11 +60,8 @@ def build(config: TrainConfig, model: Llama, device: torch.device) -> TrainStep:
     loss_module = _prepared(CausalLMLoss(model, config.loss_chunk), config, device)
     ddp = DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda" else None)
     optimizer = _optimizer(model, config, device)
-    lr_at = schedule.from_config(config)
-    # LambdaLR multiplies the base lr: update k uses lr(k), the first update lr(0), as HF's did.
-    scheduler = LambdaLR(optimizer, lambda k: lr_at(k) / config.lr)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
-    return TrainStep(model, loss_module, ddp, optimizer, scheduler, autocast, config.grad_accum,
+    return TrainStep(model, loss_module, ddp, optimizer, autocast, config.grad_accum,
                      config.max_grad_norm)
 
 

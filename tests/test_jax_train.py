@@ -2,6 +2,7 @@
 very same losses, SIGTERM saves, a corrupted checkpoint falls back to the previous one, a changed
 run is refused, bad configs leave nothing, and a checkpoint is a model the other commands read."""
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -81,7 +82,8 @@ def test_a_killed_run_resumes_to_the_same_losses_bitwise(uninterrupted, tmp_path
     proc.wait()
     result = run_train(config, f"output={killed}", devices=8)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming" in result.stderr
+    resumed_from = int(re.search(r"resuming .* from step (\d+)", result.stderr).group(1))
+    assert 4 <= resumed_from < STEPS  # killed before its last checkpoint: a real resume
     expected, resumed = train_losses(run), train_losses(killed)
     assert sorted(resumed) == list(range(1, STEPS + 1))  # one clean curve
     assert {s: resumed[s] for s in range(5, STEPS + 1)} == {s: expected[s] for s in range(5, STEPS + 1)}

@@ -18,7 +18,8 @@ from jax.sharding import Mesh
 from hammer.config import ModelConfig
 from hammer.train_config import TrainConfig
 from hammer_jax.model import Llama
-from hammer_jax.optimizer import learning_rate_schedule, make_optimizer
+from hammer.schedule import from_config
+from hammer_jax.optimizer import make_optimizer
 from hammer_jax.sharding import MESH_AXES
 from hammer_jax.train_step import batch_sharding, fresh_state, make_train_step
 from tests.train_fixtures import MODEL
@@ -36,11 +37,10 @@ def run(shape, grad_accum, devices):
     make = lambda: Llama(model_config, rngs=nnx.Rngs(0))
     tx = make_optimizer(config)
     graphdef, shardings, state = fresh_state(make, tx, mesh)
-    step = make_train_step(graphdef, tx, learning_rate_schedule(config), shardings, mesh,
-                           grad_accum=grad_accum, loss_chunk=16)
+    step = make_train_step(graphdef, tx, shardings, mesh, grad_accum=grad_accum, loss_chunk=16)
     out = []
-    for batch in batches:
-        state, metrics = step(state, jax.device_put(batch, batch_sharding(mesh)))
+    for k, batch in enumerate(batches):
+        state, metrics = step(state, jax.device_put(batch, batch_sharding(mesh)), from_config(config)(k))
         out.append([float(metrics["loss"]), float(metrics["grad_norm"])])
     return out
 

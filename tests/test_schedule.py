@@ -1,25 +1,18 @@
-"""The optax schedule the JAX trainer runs equals HammerLLM's formula (hammer.schedule) at the
-points where its pieces meet, and the weight-decay rule is HF Trainer's."""
+"""HammerLLM's schedule (hammer.schedule, the one definition both trainers evaluate) at the points
+where its pieces meet, its horizon apart from the run's length, and HF Trainer's weight-decay rule."""
 import math
 
 import pytest
 
 from hammer.schedule import from_config, learning_rate
 from hammer.train_config import TrainConfig
-from hammer_jax.optimizer import decays, learning_rate_schedule
+from hammer_jax.optimizer import decays
 
 CONFIG = TrainConfig(model="m.json", data=("d",), output="o", steps=1000, batch_size=8, lr=5e-4,
                      warmup_steps=100, min_lr_ratio=0.1)
 # progress of the cosine at which 0.5 * (1 + cos(pi p)) falls to the floor 0.1
 FLOOR_PROGRESS = math.acos(2 * 0.1 - 1) / math.pi
 FLOOR_STEP = math.ceil(100 + FLOOR_PROGRESS * 900)
-
-
-@pytest.mark.parametrize("step", [0, 50, 99, 100, 550, FLOOR_STEP - 1, FLOOR_STEP, 999])
-def test_optax_schedule_equals_the_formula(step):
-    expected = learning_rate(step, peak=5e-4, warmup_steps=100, total_steps=1000, min_lr_ratio=0.1)
-    assert float(learning_rate_schedule(CONFIG)(step)) == pytest.approx(expected, rel=1e-6, abs=1e-12)
-    assert from_config(CONFIG)(step) == expected
 
 
 def test_the_points_are_what_they_claim():
@@ -33,9 +26,15 @@ def test_the_points_are_what_they_claim():
 
 
 def test_no_warmup_starts_at_the_peak():
-    config = CONFIG.replace(warmup_steps=0)
-    assert float(learning_rate_schedule(config)(0)) == pytest.approx(5e-4, rel=1e-6)
-    assert float(learning_rate_schedule(config)(10)) == pytest.approx(from_config(config)(10), rel=1e-6)
+    assert from_config(CONFIG.replace(warmup_steps=0))(0) == pytest.approx(5e-4)
+
+
+def test_past_its_horizon_the_lr_stays_at_the_floor_and_a_stretched_horizon_moves_it():
+    kept = CONFIG.replace(steps=2000, schedule_steps=1000)
+    assert [from_config(kept)(s) for s in (999, 1000, 1500, 1999)] == [pytest.approx(5e-5)] * 4
+    assert from_config(kept)(550) == from_config(CONFIG)(550)
+    stretched = CONFIG.replace(steps=2000)  # the horizon follows steps when not given
+    assert stretched.horizon == 2000 and from_config(stretched)(1050) == pytest.approx(2.5e-4)
 
 
 def test_weight_decay_skips_norms_and_biases_only():

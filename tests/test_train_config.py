@@ -1,12 +1,13 @@
 """The training config both trainers read, the run directory's resume check, and the metrics log."""
+import dataclasses
 import json
 
 import pytest
 
 from hammer.config import ConfigError, ModelConfig
 from hammer.metrics import DivergedError, MetricsLog, check_finite, mfu, peak_flops, read_metrics
-from hammer.run import RUN_FILE, open_run
-from hammer.train_config import MeshConfig, load_train_config
+from hammer.run import FREE_KEYS, FROZEN_KEYS, RUN_FILE, data_position, open_run
+from hammer.train_config import MeshConfig, TrainConfig, load_train_config
 
 REPO_CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
 BASE = ["model=configs/tiny.json", "data=runs/d", "output=runs/o", "steps=10", "batch_size=8"]
@@ -80,22 +81,70 @@ def test_a_mesh_must_use_every_device_exactly():
         MeshConfig(-1, -1, 1)
 
 
-def _open(tmp_path, *overrides, data=None):
+def _open(tmp_path, *overrides, data=None, trained=0):
     c = load_train_config(None, [*BASE, f"output={tmp_path / 'run'}", *overrides])
-    return open_run(c, ModelConfig.from_hf(REPO_CONFIGS / "tiny.json"), data or {"tokenizer": "t"})
+    return open_run(c, ModelConfig.from_hf(REPO_CONFIGS / "tiny.json"), data or {"tokenizer": "t"},
+                    trained_steps=trained)
 
 
-def test_a_rerun_resumes_and_may_train_longer_or_change_how_steps_run(tmp_path):
+def test_a_rerun_resumes_and_may_change_how_steps_run(tmp_path):
     run = _open(tmp_path)
     assert (run / RUN_FILE).is_file()
-    _open(tmp_path, "steps=20", "mesh.data=2", "remat=full", "log_every=1")
-    assert json.loads((run / RUN_FILE).read_text())["config"]["steps"] == 20
+    _open(tmp_path, "mesh.data=2", "remat=full", "log_every=1", "grad_accum=2", "scan_layers=true")
+    assert json.loads((run / RUN_FILE).read_text())["config"]["grad_accum"] == 2
+
+
+def test_every_config_key_is_either_frozen_or_free_on_resume():
+    keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(FROZEN_KEYS) | set(FREE_KEYS) == keys and not set(FROZEN_KEYS) & set(FREE_KEYS)
+
+
+def test_raising_steps_must_say_what_the_schedule_does(tmp_path):
+    run = _open(tmp_path, "steps=500000", "warmup_steps=2000")
+    with pytest.raises(ConfigError, match=r"steps 500000 -> 1000000 would move the learning-rate "
+                                          r"schedule's horizon from 500000 to 1000000.*"
+                                          r"schedule_steps=500000 keeps.*schedule_steps=1000000 stretches"):
+        _open(tmp_path, "steps=1000000", "warmup_steps=2000", trained=250000)
+    assert json.loads((run / RUN_FILE).read_text())["config"]["steps"] == 500000  # not rewritten
+    _open(tmp_path, "steps=1000000", "warmup_steps=2000", "schedule_steps=500000", trained=250000)
+    # once kept, the horizon is part of the run: the same command resumes, a bare one is refused
+    _open(tmp_path, "steps=1000000", "warmup_steps=2000", "schedule_steps=500000", trained=260000)
+    with pytest.raises(ConfigError, match="from 500000 to 1000000"):
+        _open(tmp_path, "steps=1000000", "warmup_steps=2000", trained=260000)
+
+
+def test_steps_below_the_newest_checkpoint_is_refused(tmp_path):
+    run = _open(tmp_path, "steps=300")
+    with pytest.raises(ConfigError, match="steps = 100, but .* has trained 250 steps already"):
+        _open(tmp_path, "steps=100", "schedule_steps=300", trained=250)
+    assert json.loads((run / RUN_FILE).read_text())["config"]["steps"] == 300
+
+
+def test_skip_data_may_gain_ranges_after_the_checkpoint_only(tmp_path):
+    _open(tmp_path, "steps=3000")
+    _open(tmp_path, "steps=3000", "skip_data=[[1150, 1250]]", trained=1000)
+    with pytest.raises(ConfigError, match=r"skip_data drops \[\[1150, 1250\]\]"):
+        _open(tmp_path, "steps=3000", trained=1000)
+    # 1500 steps with batches 1150..1250 skipped have gone through batch 1601
+    assert data_position(1500, ((1150, 1250),)) == 1601 and data_position(1149, ((1150, 1250),)) == 1149
+    with pytest.raises(ConfigError, match=r"skip_data \[\[1600, 1700\]\] reaches batches .* at batch 1601"):
+        _open(tmp_path, "steps=3000", "skip_data=[[1150, 1250], [1600, 1700]]", trained=1500)
+    _open(tmp_path, "steps=3000", "skip_data=[[1150, 1250], [1602, 1700]]", trained=1500)
+
+
+@pytest.mark.parametrize("ranges, problem", [
+    ("[[5, 3]]", "is not \\[first, last\\]"), ("[[0, 3]]", "is not \\[first, last\\]"),
+    ("[[1, 5], [5, 9]]", "overlap or are out of order"), ("[[1, 2, 3]]", "is not \\[first, last\\]"),
+    ('["1-2"]', "wrong type; expected a list of \\[first, last\\] pairs")])
+def test_bad_skip_data_is_refused(ranges, problem):
+    with pytest.raises(ConfigError, match=problem):
+        load_train_config(None, [*BASE, f"skip_data={ranges}"])
 
 
 def test_a_rerun_with_another_model_data_or_batch_layout_is_refused(tmp_path):
     _open(tmp_path)
-    with pytest.raises(ConfigError, match=r"another batch_size, grad_accum \(batch_size: 8 -> 16; grad_accum: 1 -> 2\)"):
-        _open(tmp_path, "batch_size=16", "grad_accum=2")
+    with pytest.raises(ConfigError, match=r"another batch_size, seed \(batch_size: 8 -> 16; seed: 3407 -> 1\)"):
+        _open(tmp_path, "batch_size=16", "seed=1")
     with pytest.raises(ConfigError, match="another data"):
         _open(tmp_path, data={"tokenizer": "other"})
     with pytest.raises(ConfigError, match="another model"):
