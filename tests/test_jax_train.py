@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from hammer.cli import main
-from tests.train_fixtures import (run_train, start_train, tiny_inputs, train_losses,
+from tests.train_fixtures import (run_train, start_train, train_losses,
                                   write_train_config)
 
 STEPS = 12
@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return tiny_inputs(tmp_path_factory.mktemp("inputs"))
+def inputs(train_inputs):
+    return train_inputs
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from hammer.data.loader import mixture_from_specs
 from hammer.run import data_fingerprint, open_run
 from hammer.train_config import DistributedConfig, load_train_config
 from hammer_jax.distributed import detected_cluster, join
-from tests.train_fixtures import (REPO, tiny_inputs, train_command, train_env, train_losses,
+from tests.train_fixtures import (REPO, train_command, train_env, train_losses,
                                   write_model_config, write_train_config)
 
 # float32 on both sides; the two topologies reduce in another order (gloo across processes):
@@ -103,11 +103,10 @@ def records(run_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_train_as_one_and_their_checkpoint_resumes_on_one(tmp_path):
-    inputs = tiny_inputs(tmp_path / "inputs")
-    # min_lr_ratio 1: the rate after warmup does not depend on `steps`, so a 3-step run raised to 4
-    # steps continues exactly as a 4-step run
-    settings = dict(mesh={"data": 2, "fsdp": 4}, min_lr_ratio=1.0, checkpoint_every=3)
+def test_two_processes_train_as_one_and_their_checkpoint_resumes_on_one(tmp_path, train_inputs):
+    inputs = train_inputs
+    # one schedule over 4 steps: a 3-step run raised to 4 steps continues exactly as a 4-step run
+    settings = dict(mesh={"data": 2, "fsdp": 4}, schedule_steps=4, checkpoint_every=3)
     one = write_train_config(tmp_path / "one.toml", inputs, tmp_path / "one", steps=4, **settings)
     two = write_train_config(tmp_path / "two.toml", inputs, tmp_path / "two", steps=3, **settings)
 
@@ -167,8 +166,8 @@ for name, (shape, order) in meshes.items():
 
 
 @pytest.mark.slow
-def test_every_batch_row_lands_where_the_mesh_puts_it_whichever_axes_span_the_processes(tmp_path):
-    inputs = tiny_inputs(tmp_path / "inputs")
+def test_every_batch_row_lands_where_the_mesh_puts_it_whichever_axes_span_the_processes(tmp_path, train_inputs):
+    inputs = train_inputs
     address = f"localhost:{free_port()}"
     procs = [subprocess.Popen([sys.executable, "-c", ROWS_SCRIPT, address, str(pid), str(inputs.data)],
                               env=train_env(4), cwd=REPO, text=True, stdout=subprocess.PIPE,
@@ -187,8 +186,8 @@ def test_every_batch_row_lands_where_the_mesh_puts_it_whichever_axes_span_the_pr
 
 
 @pytest.mark.slow
-def test_a_dead_process_takes_the_run_down_instead_of_hanging(tmp_path):
-    inputs = tiny_inputs(tmp_path / "inputs")
+def test_a_dead_process_takes_the_run_down_instead_of_hanging(tmp_path, train_inputs):
+    inputs = train_inputs
     config = write_train_config(tmp_path / "c.toml", inputs, tmp_path / "run", steps=100000,
                                 checkpoint_every=100000, mesh={"data": 2, "fsdp": 4})
     heartbeat = 5
@@ -214,8 +213,8 @@ def test_a_dead_process_takes_the_run_down_instead_of_hanging(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_refused_is_refused_by_every_process_with_one_line(tmp_path):
-    inputs = tiny_inputs(tmp_path / "inputs")
+def test_a_run_refused_is_refused_by_every_process_with_one_line(tmp_path, train_inputs):
+    inputs = train_inputs
     config = write_train_config(tmp_path / "c.toml", inputs, tmp_path / "run", mesh={"data": 2, "fsdp": 4})
     settings = load_train_config(config, ["lr=1e-3"])
     open_run(settings, settings.model_config(), data_fingerprint(mixture_from_specs(settings.data)))

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from hammer.schedule import from_config, learning_rate
+from hammer.schedule import from_config
 from hammer.train_config import TrainConfig
 from hammer_jax.optimizer import decays
 

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ torch = pytest.importorskip("torch")
 from hammer.config import ConfigError  # noqa: E402
 from hammer.metrics import read_metrics  # noqa: E402
 from hammer.train_config import from_dict  # noqa: E402
-from tests.train_fixtures import (REPO, run_train, start_train, tiny_inputs, train_env,  # noqa: E402
+from tests.train_fixtures import (REPO, run_train, start_train, train_env,  # noqa: E402
                                   train_losses, train_settings, write_model_config,
                                   write_train_config)
 
@@ -31,8 +30,8 @@ def relative(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return tiny_inputs(tmp_path_factory.mktemp("inputs"))
+def inputs(train_inputs):
+    return train_inputs
 
 
 @pytest.fixture(scope="module")

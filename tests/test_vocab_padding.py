@@ -17,7 +17,7 @@ from hammer_jax.generate import JaxStepper
 from hammer_jax.loss import nll_sum
 from hammer_jax.model import Llama
 from tests.eval_fixtures import random_hf_tensors
-from tests.train_fixtures import (run_json_script, run_train, tiny_inputs, train_losses,
+from tests.train_fixtures import (run_json_script, run_train, train_losses,
                                   write_train_config)
 
 # vocab 259 (the byte tokenizer's) pads to 384 by 128, to 512 by 256
@@ -117,7 +117,7 @@ def test_jax_to_hf_to_jax_is_bit_exact(tmp_path):
         assert after[name].shape == x.shape and after[name].tobytes() == x.tobytes(), name
 
 
-def test_params_of_another_padding_load_and_wrong_ones_are_refused(tmp_path):
+def test_params_of_another_padding_load_and_wrong_ones_are_refused(tmp_path, train_inputs):
     """A checkpoint of a run on a 2-way tensor axis (256) loads on one device (128) and back."""
     wide = Llama(CONFIG, rngs=nnx.Rngs(6), vocab_multiple=256)
     save_pretrained(wide, tmp_path / "wide")
@@ -187,13 +187,13 @@ def test_hammerllm_1_4b_on_a_1_4_2_mesh_replicates_no_parameter():
 
 
 @pytest.mark.slow
-def test_a_run_keeps_its_padding_when_resumed_on_another_tensor_axis(tmp_path):
+def test_a_run_keeps_its_padding_when_resumed_on_another_tensor_axis(tmp_path, train_inputs):
     """Trained on a 2-way tensor axis (rows 512), resumed on one (which alone would pad to 384):
     the run keeps 512 rows, its padded rows stay zero through AdamW, and convert trims them."""
-    inputs = tiny_inputs(tmp_path / "inputs")
+    inputs = train_inputs
     run = tmp_path / "run"
-    config = write_train_config(tmp_path / "c.toml", inputs, run, steps=2, eval_every=0,
-                                mesh={"data": 1, "fsdp": 1, "tensor": 2})
+    config = write_train_config(tmp_path / "c.toml", inputs, run, steps=2, schedule_steps=4,
+                                eval_every=0, mesh={"data": 1, "fsdp": 1, "tensor": 2})
     first = run_train(config, devices=2)
     assert first.returncode == 0, first.stderr[-3000:]
     assert convert.run_vocab_rows(run) == 512
