@@ -6,6 +6,7 @@ command resumes the same run.
     RUN_DIR/metrics.jsonl   one JSON record per logged step and per evaluation (hammer.metrics)
     RUN_DIR/tensorboard/    the same records as TensorBoard events
     RUN_DIR/checkpoints/    the backend's checkpoints; the newest readable one is resumed
+    RUN_DIR/profile/        the profiler's traces of `profile_steps`
 
 A rerun may change how steps are computed (mesh, remat, kernels, logging, checkpoint cadence) and
 raise `steps` (saying what the schedule does: `schedule_steps`); anything that changes what the run
@@ -29,6 +30,7 @@ from hammer.fsio import atomic_file
 from hammer.train_config import TrainConfig, from_dict
 
 RUN_FILE = "run.json"
+PROFILE_DIR = "profile"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
@@ -53,7 +55,7 @@ FREE_KEYS = (
     "grad_accum",  # how the same batch is split: the same sums (tests/test_jax_train_mesh.py)
     "mesh", "distributed",  # where the run computes
     "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_batch_size",
-    "eval_batches", "tensorboard",  # what is saved and logged
+    "eval_batches", "tensorboard", "profile_steps",  # what is saved, logged and traced
     "attention_impl", "scan_layers", "remat", "loss_chunk", "compile", "peak_flops",
     "compilation_cache",  # how a step is computed: the same loss, other speed and memory
 )

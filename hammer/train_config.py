@@ -139,6 +139,9 @@ class TrainConfig:
     eval_batch_size: int = 8  # sequences per evaluation batch, all devices together
     eval_batches: int = 0  # batches per validation set and evaluation (0: the whole set)
     tensorboard: bool = True
+    # [first, last] steps traced by the backend's profiler into RUN_DIR/profile/ (process 0; JAX:
+    # an XProf trace with a Perfetto copy, torch: a Chrome trace); () = none
+    profile_steps: tuple[int, ...] = ()
     # How a step is computed: the same loss, different speed and memory.
     attention_impl: str = "auto"  # jax: auto/xla/cudnn/reference; torch: auto/flash_attn/sdpa/eager
     scan_layers: bool = False  # jax: one compiled layer scanned over the stack
@@ -196,6 +199,10 @@ class TrainConfig:
             if not getattr(self, key):
                 raise ConfigError(f"{key} is empty; expected a path")
         _check_ranges(self.skip_data)
+        if self.profile_steps and (len(self.profile_steps) != 2
+                                   or not 1 <= self.profile_steps[0] <= self.profile_steps[1]):
+            raise ConfigError(f"profile_steps = {list(self.profile_steps)}; expected [first, last] "
+                              f"with 1 <= first <= last")
 
     @property
     def horizon(self) -> int:

@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import sys
 import time
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
 import numpy as np
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from hammer import schedule
 from hammer.data.loader import Loader
 from hammer.metrics import MetricsLog, TrainMeter, check_finite, perplexity
-from hammer.run import sigterm_flag
+from hammer.run import PROFILE_DIR, sigterm_flag
 from hammer.train_config import TrainConfig
 
 
@@ -55,6 +56,12 @@ class Trainer(Protocol):
 
     def peak_memory_gb(self) -> float | None: ...
 
+    def start_profile(self, directory: Path) -> None:
+        """Starts this process's profiler, its trace to go into `directory`."""
+
+    def stop_profile(self) -> None:
+        """Stops the profiler once the traced steps' work is done and writes the trace."""
+
 
 def train_loop(config: TrainConfig, trainer: Trainer, loader: Loader, *, start: int, run_dir,
                meter: TrainMeter, validation: dict, previous: TrainConfig | None) -> None:
@@ -80,7 +87,12 @@ def train_loop(config: TrainConfig, trainer: Trainer, loader: Loader, *, start: 
         for done in range(start + 1, config.steps + 1):
             _skip(loader, config.skip_data)
             lr = lr_at(done - 1)  # update k (0-based) uses lr(k): the first lr(0), as HF's LambdaLR
+            profile = trainer.primary and config.profile_steps
+            if profile and done == config.profile_steps[0]:
+                trainer.start_profile(run_dir / PROFILE_DIR)
             pending.append((trainer.step(next(loader), lr), lr))
+            if profile and done == config.profile_steps[1]:
+                trainer.stop_profile()
             bar.update()
             log = done % config.log_every == 0 or done == config.steps
             save = done % config.checkpoint_every == 0 or done == config.steps

@@ -167,6 +167,13 @@ class JaxTrainer:
         stats = jax.local_devices()[0].memory_stats() or {}
         return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
 
+    def start_profile(self, directory: Path) -> None:
+        jax.profiler.start_trace(str(directory), create_perfetto_trace=True)
+
+    def stop_profile(self) -> None:
+        jax.block_until_ready(self.state)  # the traced steps' device work, not only their dispatch
+        jax.profiler.stop_trace()
+
 
 def use_compilation_cache(setting: str) -> None:
     """Points XLA's persistent compilation cache where `compilation_cache` says (TrainConfig)."""

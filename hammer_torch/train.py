@@ -101,9 +101,14 @@ class TorchTrainer:
         self.config, self.step_fn, self.device = config, step_fn, device
         self.checkpoints, self.model, self.tokenizer = checkpoints, model, tokenizer
         self.primary, self.processes = dist.get_rank() == 0, dist.get_world_size()
+        self.profiler = None
 
     def step(self, rows: np.ndarray, lr: float):
-        return self.step_fn(torch.from_numpy(rows.astype(np.int64)).to(self.device), lr)
+        ids = torch.from_numpy(rows.astype(np.int64)).to(self.device)
+        if self.profiler is None:
+            return self.step_fn(ids, lr)
+        with torch.profiler.record_function("hammer.train_step"):
+            return self.step_fn(ids, lr)
 
     def read(self, outputs: list) -> list[dict[str, float]]:
         losses = torch.stack([loss for loss, _ in outputs])  # this rank's means, float64
@@ -148,6 +153,22 @@ class TorchTrainer:
         if self.device.type != "cuda":
             return None
         return torch.cuda.max_memory_allocated(self.device) / 2**30
+
+    def start_profile(self, directory: Path) -> None:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profiler = torch.profiler.profile(activities=activities)
+        self.profiler.start()
+        self.profile_dir = directory
+
+    def stop_profile(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.profiler.stop()
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        self.profiler.export_chrome_trace(str(self.profile_dir / "trace.json"))
+        self.profiler = None
 
 
 def _initial_model(config: TrainConfig, model_config: ModelConfig) -> Llama:

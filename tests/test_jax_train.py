@@ -1,6 +1,7 @@
 """`hammer train` with the JAX backend, end to end on CPU: loss falls, a killed run resumes to the
 very same losses, SIGTERM saves, a corrupted checkpoint falls back to the previous one, a changed
 run is refused, bad configs leave nothing, and a checkpoint is a model the other commands read."""
+import gzip
 import json
 import re
 import shutil
@@ -26,10 +27,12 @@ def inputs(train_inputs):
 
 @pytest.fixture(scope="module")
 def uninterrupted(inputs, tmp_path_factory):
-    """A 12-step run on 8 devices (mesh 1 x 4 x 2), checkpoints every 4 steps, eval every 4."""
+    """A 12-step run on 8 devices (mesh 1 x 4 x 2), checkpoints every 4 steps, eval every 4, steps
+    5..6 profiled."""
     root = tmp_path_factory.mktemp("uninterrupted")
     config = write_train_config(root / "c.toml", inputs, root / "run", steps=STEPS,
-                                checkpoint_every=4, eval_every=4, mesh={"fsdp": -1, "tensor": 2})
+                                checkpoint_every=4, eval_every=4, mesh={"fsdp": -1, "tensor": 2},
+                                profile_steps=[5, 6])
     result = run_train(config, devices=8)
     assert result.returncode == 0, result.stderr[-3000:]
     return config, root / "run", result
@@ -53,6 +56,26 @@ def test_loss_falls_and_every_record_is_written(uninterrupted):
     # The odd vocabulary (259) is padded to 128 x the tensor axis, so tensor=2 splits it too.
     assert "replicated" not in result.stderr, result.stderr[-2000:]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["12", "4", "8"]
+
+
+def test_profile_steps_leave_a_trace_that_names_the_step_function(uninterrupted):
+    _, run, _ = uninterrupted
+    traces = list((run / "profile").rglob("*.xplane.pb"))
+    perfetto = list((run / "profile").rglob("perfetto_trace.json.gz"))
+    assert len(traces) == 1 and len(perfetto) == 1
+    assert "jit_step" in gzip.decompress(perfetto[0].read_bytes()).decode()
+
+
+def test_a_run_that_differs_only_in_lr_and_steps_compiles_nothing_new(inputs, tmp_path):
+    cache = tmp_path / "xla"
+    config = write_train_config(tmp_path / "c.toml", inputs, tmp_path / "a", steps=2,
+                                checkpoint_every=2, compilation_cache=str(cache))
+    assert run_train(config).returncode == 0
+    entries = sorted(p.name for p in cache.iterdir())
+    assert any("step" in name for name in entries), entries
+    other = run_train(config, f"output={tmp_path / 'b'}", "lr=0.001", "steps=3", "warmup_steps=1")
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert sorted(p.name for p in cache.iterdir()) == entries
 
 
 def test_a_checkpoint_is_a_model_convert_and_jax_read(uninterrupted, tmp_path):

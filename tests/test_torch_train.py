@@ -3,6 +3,7 @@ module, ZeRO-1 partitions the optimizer state, several processes train as one, a
 exactly, an unreadable checkpoint falls back to the previous one."""
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -36,13 +37,21 @@ def inputs(train_inputs):
 
 @pytest.fixture(scope="module")
 def uninterrupted(inputs, tmp_path_factory):
-    """A 6-step single-process run, checkpoints every 2 steps, evaluation every 3: the reference of
-    the resume tests."""
+    """A 6-step single-process run, checkpoints every 2 steps, evaluation every 3, steps 2..3
+    profiled: the reference of the resume tests."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    config = write_train_config(tmp / "c.toml", inputs, tmp / "run", backend="torch", eval_every=3)
+    config = write_train_config(tmp / "c.toml", inputs, tmp / "run", backend="torch", eval_every=3,
+                                profile_steps=[2, 3])
     result = run_train(config)
     assert result.returncode == 0, result.stderr
     return config, tmp / "run"
+
+
+def test_profile_steps_leave_a_chrome_trace_that_names_the_step(uninterrupted):
+    _, run = uninterrupted
+    trace = json.loads((run / "profile" / "trace.json").read_text())
+    steps = [e for e in trace["traceEvents"] if e.get("name") == "hammer.train_step"]
+    assert len(steps) == 2
 
 
 @pytest.mark.slow
@@ -115,6 +124,7 @@ def test_random_init_zeroes_the_pad_row_and_the_lookup_never_updates_it():
 
 
 _DDP_WORKER = """
+import json
 import sys, torch, torch.distributed as dist
 from hammer.config import ModelConfig
 from hammer.train_config import from_dict
