@@ -79,6 +79,7 @@ def train_loop(config: TrainConfig, trainer: Trainer, loader: Loader, *, start: 
                dynamic_ncols=True, mininterval=1.0, disable=not trainer.primary)
     pending: list[tuple[Any, float]] = []  # (unread outputs, lr) of each step since the last read
     compile_time = trainer.compile_time
+    profiling = None  # while the profiler runs: the stack that stops it
     with sigterm_flag() as preempted, contextlib.ExitStack() as closing:
         closing.callback(bar.close)
         if metrics is not None:
@@ -87,12 +88,14 @@ def train_loop(config: TrainConfig, trainer: Trainer, loader: Loader, *, start: 
         for done in range(start + 1, config.steps + 1):
             _skip(loader, config.skip_data)
             lr = lr_at(done - 1)  # update k (0-based) uses lr(k): the first lr(0), as HF's LambdaLR
-            profile = trainer.primary and config.profile_steps
-            if profile and done == config.profile_steps[0]:
-                trainer.start_profile(run_dir / PROFILE_DIR)
+            first, last = config.profile_steps or (0, 0)
+            if trainer.primary and first <= done <= last and profiling is None:  # a resume may
+                trainer.start_profile(run_dir / PROFILE_DIR)                   # start inside it
+                profiling = closing.enter_context(contextlib.ExitStack())
+                profiling.callback(trainer.stop_profile)  # also when the run stops inside the window
             pending.append((trainer.step(next(loader), lr), lr))
-            if profile and done == config.profile_steps[1]:
-                trainer.stop_profile()
+            if done == last and profiling is not None:
+                profiling.close()
             bar.update()
             log = done % config.log_every == 0 or done == config.steps
             save = done % config.checkpoint_every == 0 or done == config.steps

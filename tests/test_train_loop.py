@@ -64,10 +64,18 @@ class Scripted:
     def peak_memory_gb(self):
         return None
 
+    def start_profile(self, directory):
+        self.profiled = [self.done + 1]
 
-def run(tmp_path, backend, **changes):
+    def stop_profile(self):
+        self.profiled.append(self.done)
+
+
+def run(tmp_path, backend, start=0, **changes):
     config = CONFIG.replace(**changes)
-    train_loop(config, backend, Batches(), start=0, run_dir=tmp_path, validation={},
+    batches = Batches()
+    batches.step = start
+    train_loop(config, backend, batches, start=start, run_dir=tmp_path, validation={},
                meter=TrainMeter(64, 1.0, 1, None), previous=None)
     return read_metrics(tmp_path)
 
@@ -111,3 +119,13 @@ def test_sigterm_saves_the_step_it_arrives_in_and_returns(tmp_path):
     assert backend.saves == [(7, 7)] and backend.done == 7
     assert [r["step"] for r in records] == [5, 7]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+
+
+def test_the_profiler_traces_its_window_and_stops_when_the_run_stops_inside_it(tmp_path):
+    backend = Scripted()
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    run(tmp_path / "a", backend, profile_steps=(3, 5))
+    assert backend.profiled == [3, 5]
+    backend = Scripted(sigterm_at=2)  # a resume from step 3 inside the window, stopped at step 5
+    run(tmp_path / "b", backend, start=3, profile_steps=(2, 8))
+    assert backend.profiled == [1, 2]  # its steps 1..2 are the run's steps 4..5
