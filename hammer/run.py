@@ -52,7 +52,8 @@ FREE_KEYS = (
     "skip_data",  # may gain ranges after the checkpoint, never lose one (the data order so far)
     "init",  # read when a run starts, not on resume
     "tokenizer", "validation",  # what is saved beside checkpoints and what is measured
-    "grad_accum",  # how the same batch is split: the same sums (tests/test_jax_train_mesh.py)
+    "grad_accum", "memory_limit_gb",  # how the same batch is split: the same sums
+                                      # (tests/test_jax_train_mesh.py)
     "mesh", "distributed",  # where the run computes
     "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_batch_size",
     "eval_batches", "tensorboard", "profile_steps",  # what is saved, logged and traced

@@ -17,6 +17,7 @@ import difflib
 import math
 import os
 import tomllib
+import types
 import collections.abc
 import typing
 from dataclasses import dataclass, field
@@ -111,7 +112,8 @@ class TrainConfig:
     validation: Mapping[str, str] = field(default_factory=dict)  # name -> prepared directory
     backend: str = "jax"
     # HammerLLM's recipe (HF Trainer's AdamW defaults, the clamped cosine, seed 3407).
-    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_accum: int | str = 1  # micro-batches per optimizer step; "auto": the fewest that fit
+    memory_limit_gb: float = 0.0  # what grad_accum = "auto" fits a step into (0: the device's)
     lr: float = 5e-4
     warmup_steps: int = 2000
     min_lr_ratio: float = 0.1
@@ -163,7 +165,9 @@ class TrainConfig:
         checks = [  # (key, holds, what is expected)
             ("steps", self.steps >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
-            ("grad_accum", self.grad_accum >= 1, ">= 1"),
+            ("grad_accum", self.grad_accum == "auto" or isinstance(self.grad_accum, int)
+             and self.grad_accum >= 1, ">= 1 or 'auto'"),
+            ("memory_limit_gb", self.memory_limit_gb >= 0, ">= 0 (0: the device's)"),
             ("lr", self.lr > 0, "> 0"),
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
             ("schedule_steps", self.schedule_steps >= 0, ">= 0 (0: steps)"),
@@ -190,7 +194,7 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} = {getattr(self, key)!r}; expected one of {', '.join(allowed)}")
-        if self.batch_size % self.grad_accum:
+        if self.grad_accum != "auto" and self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size {self.batch_size} is not divisible by grad_accum "
                               f"{self.grad_accum}: every micro-batch must hold the same sequences")
         if not self.data:
@@ -211,7 +215,9 @@ class TrainConfig:
 
     @property
     def micro_batch_size(self) -> int:
-        """Sequences per micro-batch, all devices together."""
+        """Sequences per micro-batch, all devices together (grad_accum resolved)."""
+        if self.grad_accum == "auto":
+            raise ValueError("grad_accum = 'auto' is resolved by the trainer before it is used")
         return self.batch_size // self.grad_accum
 
     def model_config(self) -> ModelConfig:
@@ -274,7 +280,7 @@ def from_dict(values: Mapping[str, Any]) -> TrainConfig:
         values["skip_data"] = tuple(tuple(r) for r in values["skip_data"])
     values["validation"] = dict(values.get("validation", {}))
     for key in ("lr", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
-                "max_grad_norm", "peak_flops"):
+                "max_grad_norm", "peak_flops", "memory_limit_gb"):
         if key in values:
             values[key] = float(values[key])
     return TrainConfig(**values, **tables)
@@ -334,6 +340,8 @@ def _check_types(values: Mapping[str, Any], cls: type, prefix: str) -> None:
 
 def _is_instance(value: Any, expected: Any) -> bool:
     origin = typing.get_origin(expected)
+    if origin is types.UnionType:
+        return any(_is_instance(value, option) for option in typing.get_args(expected))
     if expected is bool:
         return isinstance(value, bool)
     if expected is int:
@@ -354,6 +362,8 @@ def _is_instance(value: Any, expected: Any) -> bool:
 
 
 def _describe(expected: Any) -> str:
+    if typing.get_origin(expected) is types.UnionType:
+        return " or ".join(_describe(option) for option in typing.get_args(expected))
     if typing.get_origin(expected) is tuple:
         return {str: "a list of strings", int: "a list of integers"}.get(
             typing.get_args(expected)[0], "a list of [first, last] pairs of integers")

@@ -34,6 +34,7 @@ from hammer.train_config import TrainConfig
 from hammer.train_loop import train_loop
 from hammer_jax.checkpoint import model_from_params
 from hammer_jax.distributed import BatchPlacer, any_process, join, sync
+from hammer_jax.fit_batch import abstract_batch, device_limit, fit_grad_accum
 from hammer_jax.model import ATTENTION_IMPLS, Llama
 from hammer_jax.optimizer import make_optimizer
 from hammer_jax.sharding import make_mesh
@@ -76,10 +77,6 @@ def train(config: TrainConfig) -> Path:
     # process 0 alone writes
     open_run(config, model_config, fingerprint, write=False, trained_steps=trained)
     sync("hammer: run directory checked")
-    if primary:
-        open_run(config, model_config, fingerprint, trained_steps=trained)
-        _write_model_files(run_dir, model_config, tokenizer)
-    sync("hammer: run directory open")
     # A run's padded vocabulary is fixed when it starts (128 x the tensor axis, so each shard
     # holds whole 128-row tiles); a resume, on whatever mesh, keeps the rows its checkpoints hold
     # (as a multiple, that row count pads to itself) so the restore targets their shapes.
@@ -91,9 +88,21 @@ def train(config: TrainConfig) -> Path:
 
     tx = make_optimizer(config)
     graphdef, shardings, abstract = state_layout(make_model, tx, mesh)
+    to_device = BatchPlacer(mesh, config.batch_size, mixture.block_size)
+    compiled = None
+    if config.grad_accum == "auto":  # resolved before run.json is written: it records the choice
+        accum, compiled = fit_grad_accum(
+            lambda accum: _compile_step(config.replace(grad_accum=accum), graphdef, tx, shardings,
+                                        mesh, abstract, abstract_batch(to_device.sharding,
+                                                                       *to_device.shape)),
+            config.batch_size, batch_shards(mesh), device_limit(config.memory_limit_gb))
+        config = config.replace(grad_accum=accum)
+    if primary:
+        open_run(config, model_config, fingerprint, trained_steps=trained)
+        _write_model_files(run_dir, model_config, tokenizer)
+    sync("hammer: run directory open")
 
     checkpoints = TrainCheckpoints(run_dir, config.keep_checkpoints)
-    to_device = BatchPlacer(mesh, config.batch_size, mixture.block_size)
     loader = Loader(mixture, config.batch_size, seed=config.seed, rows=to_device.rows)
     restored = checkpoints.restore(abstract)
     if restored is None:
@@ -107,7 +116,7 @@ def train(config: TrainConfig) -> Path:
 
     trainer = JaxTrainer(config, mesh, graphdef, tx, shardings, state, checkpoints, to_device,
                          {"seed": config.seed, "data": fingerprint})
-    trainer.compile(loader.batch(loader.step))
+    trainer.compile(loader.batch(loader.step), compiled)
     meter = TrainMeter(config.batch_size * mixture.block_size,
                        model_config.flops_per_token(mixture.block_size), jax.device_count(),
                        peak_flops(jax.local_devices()[0].device_kind, config.peak_flops))
@@ -133,9 +142,11 @@ class JaxTrainer:
         self.eval_fn = make_eval_step(graphdef, shardings.params, mesh, loss_chunk=config.loss_chunk)
         self.compile_time = None
 
-    def compile(self, rows: np.ndarray) -> None:
+    def compile(self, rows: np.ndarray, compiled=None) -> None:
+        """Compiles the step for the state and batches it will run on (`compiled`: already done)."""
         began = time.perf_counter()
-        self.step_fn = self.step_fn.lower(self.state, self.to_device(rows), jnp.float32(0)).compile()
+        self.step_fn = compiled or self.step_fn.lower(self.state, self.to_device(rows),
+                                                      jnp.float32(0)).compile()
         self.compile_time = time.perf_counter() - began
 
     def step(self, rows: np.ndarray, lr: float):
@@ -196,7 +207,15 @@ def model_options_of(config: TrainConfig) -> dict:
                 scan_layers=config.scan_layers, remat=config.remat)
 
 
+def _compile_step(config: TrainConfig, graphdef, tx, shardings, mesh, abstract, batch):
+    step = make_train_step(graphdef, tx, shardings, mesh, grad_accum=config.grad_accum,
+                           loss_chunk=config.loss_chunk)
+    return step.lower(abstract, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+
+
 def _check_batch_layout(config: TrainConfig, shards: int) -> None:
+    if config.grad_accum == "auto":
+        return  # fit_grad_accum tries only the splits the mesh can take
     if config.micro_batch_size % shards:
         raise ConfigError(f"batch_size / grad_accum = {config.micro_batch_size} sequences per "
                           f"micro-batch cannot be split over the mesh's {shards} data-parallel "

@@ -50,12 +50,19 @@ def train(config: TrainConfig) -> Path:
     with train_step.process_group() as device:
         rank, world = dist.get_rank(), dist.get_world_size()
         config.mesh.resolve(world)  # any data x fsdp sizes that multiply to the world size
-        if config.batch_size % (world * config.grad_accum):
+        if config.grad_accum == "auto" and device.type != "cuda":
+            raise ConfigError("grad_accum = 'auto' on the torch backend measures a trial step on a "
+                              "CUDA device; on the CPU set grad_accum to a number")
+        if config.grad_accum != "auto" and config.batch_size % (world * config.grad_accum):
             raise ConfigError(f"batch_size {config.batch_size} is not divisible by {world} processes x "
                               f"grad_accum {config.grad_accum}: every micro-batch must hold the same rows")
         if validation and config.eval_batch_size % world:
             raise ConfigError(f"eval_batch_size {config.eval_batch_size} is not divisible by {world} processes")
         model = _initial_model(config, model_config)
+        step_fn = train_step.build(config, model, device)
+        if config.grad_accum == "auto":  # resolved before run.json is written: it records the choice
+            step_fn.grad_accum = train_step.fit_grad_accum(step_fn, config, mixture.block_size, device)
+            config = config.replace(grad_accum=step_fn.grad_accum)
         run_dir = Path(config.output)
         previous = previous_config(run_dir)
         steps = torch_step_dirs(run_dir / CHECKPOINTS_DIR)
@@ -63,14 +70,14 @@ def train(config: TrainConfig) -> Path:
         if rank == 0:
             open_run(config, model_config, data_fingerprint(mixture), trained_steps=trained)
         dist.barrier()
-        return _train(config, model_config, model, mixture, validation, tokenizer, run_dir, device,
-                      previous)
+        return _train(config, model_config, model, step_fn, mixture, validation, tokenizer, run_dir,
+                      device, previous)
 
 
-def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture, validation,
-           tokenizer, run_dir: Path, device: torch.device, previous: TrainConfig | None) -> Path:
+def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, step_fn: train_step.TrainStep,
+           mixture, validation, tokenizer, run_dir: Path, device: torch.device,
+           previous: TrainConfig | None) -> Path:
     rank, world = dist.get_rank(), dist.get_world_size()
-    step_fn = train_step.build(config, model, device)
     checkpoints = run_dir / CHECKPOINTS_DIR
     resumed = train_checkpoint.restore(checkpoints, model_config, model, step_fn.optimizer)
     start = resumed.step if resumed else 0

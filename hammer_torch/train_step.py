@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
+from hammer.config import ConfigError
 from hammer.train_config import TrainConfig
 from hammer_torch.loss import CausalLMLoss
 from hammer_torch.model import Block, Llama
@@ -61,8 +63,40 @@ def build(config: TrainConfig, model: Llama, device: torch.device) -> TrainStep:
     ddp = DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda" else None)
     optimizer = _optimizer(model, config, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
-    return TrainStep(model, loss_module, ddp, optimizer, autocast, config.grad_accum,
-                     config.max_grad_norm)
+    grad_accum = 1 if config.grad_accum == "auto" else config.grad_accum  # auto: fit_grad_accum
+    return TrainStep(model, loss_module, ddp, optimizer, autocast, grad_accum, config.max_grad_norm)
+
+
+def fit_grad_accum(step: TrainStep, config: TrainConfig, block_size: int, device: torch.device) -> int:
+    """`grad_accum = "auto"`: the fewest micro-batches whose step fits the device, from a trial
+    forward and backward of each candidate's micro-batch (largest first) plus what the trial does
+    not allocate: DDP's gradient buckets and this rank's ZeRO-1 share of AdamW's two moments."""
+    world = dist.get_world_size()
+    limit = int(config.memory_limit_gb * 2**30) or torch.cuda.mem_get_info(device)[1]
+    numel = sum(p.numel() for p in step.model.parameters())
+    untried = 4 * numel + 2 * 4 * numel // world
+    rows, tried = config.batch_size // world, []
+    for accum in range(1, rows + 1):
+        if rows % accum:
+            continue
+        torch.cuda.reset_peak_memory_stats(device)
+        ids = torch.zeros((rows // accum, block_size), dtype=torch.int64, device=device)
+        try:
+            with step.autocast:
+                loss = step.loss_module(ids)
+            loss.backward()
+            need = torch.cuda.max_memory_allocated(device) + untried
+        except torch.OutOfMemoryError:
+            need = math.inf
+        del ids
+        step.model.zero_grad(set_to_none=True)
+        if need <= limit:
+            print(f"grad_accum = auto: {accum} micro-batches of {rows // accum} sequences a rank, "
+                  f"{need / 2**20:.1f} MiB of {limit / 2**20:.1f} MiB", file=sys.stderr)
+            return accum
+        tried.append(f"{rows // accum} sequences: {need / 2**20:.1f} MiB")
+    raise ConfigError(f"grad_accum = 'auto': no micro-batch fits {limit / 2**20:.1f} MiB "
+                      f"({'; '.join(tried)}); lower batch_size, add devices or set remat = 'full'")
 
 
 def _prepared(loss_module: CausalLMLoss, config: TrainConfig, device: torch.device) -> CausalLMLoss:

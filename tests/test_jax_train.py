@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from hammer.cli import main
-from tests.train_fixtures import (run_train, start_train, train_losses,
+from tests.train_fixtures import (run_train, start_train, train_losses, train_settings,
                                   write_train_config)
 
 STEPS = 12
@@ -196,3 +196,21 @@ def test_every_bad_config_is_one_line_and_leaves_no_run_directory(inputs, tmp_pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err, err
     assert not run.exists()
+
+
+def test_grad_accum_auto_takes_the_fewest_micro_batches_that_fit_and_records_them(inputs, tmp_path,
+                                                                                 capsys):
+    from hammer.config import ConfigError
+    from hammer.train_config import from_dict
+    from hammer_jax.train import train
+
+    # the tiny model's step on one device: 4.7 MiB with 8 sequences, 3.5 MiB with 4, 2.7 MiB with 2
+    settings = train_settings(inputs, tmp_path / "run", grad_accum="auto", steps=2,
+                              memory_limit_gb=4 / 1024)
+    train(from_dict(settings))
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["grad_accum"] == 2
+    assert "grad_accum = auto: 2 micro-batches of 4 sequences" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"no micro-batch fits 1\.0 MiB .*1 sequences: 2\.\d MiB"):
+        train(from_dict({**settings, "output": str(tmp_path / "small"), "memory_limit_gb": 1 / 1024,
+                         "batch_size": 2, "eval_batch_size": 2}))
+    assert not (tmp_path / "small").exists()

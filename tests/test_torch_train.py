@@ -268,6 +268,16 @@ def test_tensor_parallel_mesh_is_refused_naming_the_key(inputs, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_grad_accum_auto_without_a_cuda_device_is_refused(inputs, tmp_path):
+    from hammer_torch.train import train
+
+    config = from_dict(train_settings(inputs, tmp_path / "run", backend="torch", grad_accum="auto",
+                                      memory_limit_gb=1.0))
+    with pytest.raises(ConfigError, match="grad_accum = 'auto' on the torch backend .* CUDA"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+
+
 def test_auto_attention_checks_the_gpu_generation_and_warns_when_it_falls_back_to_eager(monkeypatch):
     from hammer_torch import attention
 
