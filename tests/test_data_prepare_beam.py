@@ -16,6 +16,8 @@ from tests.tokenizer_fixtures import write_tiny_tokenizer
 
 pytest.importorskip("apache_beam")
 
+from apache_beam.io.localfilesystem import LocalFileSystem  # noqa: E402
+
 from hammer.data.prepare_beam import WORK_DIR, prepare_on_beam  # noqa: E402
 
 IN_MEMORY = "--direct_running_mode=in_memory"  # Beam's runner in this process: no worker start-up
@@ -55,6 +57,50 @@ class FailingTokenizer(ByteTokenizer):
         if "boom" in texts and self.trap.exists():
             raise RuntimeError("worker crashed")
         return super().encode_batch(texts, add_special_tokens)
+
+
+ALIAS = "alias://"
+
+
+def _local(path: str) -> str:
+    return path.removeprefix(ALIAS)
+
+
+class AliasFileSystem(LocalFileSystem):
+    """`alias://PATH` is the local PATH under a scheme of its own, as gs:// is a bucket's: what the
+    engine does with a path outside this machine. Beam finds a filesystem by subclass and scheme."""
+
+    @classmethod
+    def scheme(cls):
+        return "alias"
+
+    def join(self, base, *paths):
+        return ALIAS + super().join(_local(base), *paths)
+
+    def split(self, path):
+        head, tail = super().split(_local(path))
+        return ALIAS + head, tail
+
+    def mkdirs(self, path):
+        super().mkdirs(_local(path))
+
+    def match(self, patterns, limits=None):
+        return super().match([_local(p) for p in patterns], limits)
+
+    def create(self, path, *args, **kwargs):
+        return super().create(_local(path), *args, **kwargs)
+
+    def open(self, path, *args, **kwargs):
+        return super().open(_local(path), *args, **kwargs)
+
+    def rename(self, sources, destinations):
+        super().rename([_local(p) for p in sources], [_local(p) for p in destinations])
+
+    def exists(self, path):
+        return super().exists(_local(path))
+
+    def delete(self, paths):
+        super().delete([_local(p) for p in paths])
 
 
 def mixed_inputs(tmp_path: Path) -> list[Path]:
@@ -108,6 +154,27 @@ def test_a_line_longer_than_many_byte_ranges_belongs_to_the_range_where_it_begin
                                         pipeline_options=IN_MEMORY, split_bytes=split)
         assert beam_index == index and files_of(tmp_path / f"beam-{split}") == files_of(tmp_path / "local")
     assert index["documents"] == 4 and index["tokens"] == 35 + 1 + 9 + 10 + 4 * 2
+
+
+def test_inputs_and_output_of_another_filesystem_are_read_and_written_through_beams_filesystems(tmp_path):
+    big, lines, _, _, rows = mixed_inputs(tmp_path)
+    inputs, output = [ALIAS + str(p) for p in (big, lines, rows)], ALIAS + str(tmp_path / "remote")
+    index = prepare(ByteTokenizer(), [big, lines, rows], tmp_path / "local", block_size=31, blocks_per_shard=40)
+    remote, _ = prepare_on_beam(ByteTokenizer(), inputs, output, block_size=31, blocks_per_shard=40,
+                                pipeline_options=IN_MEMORY, split_bytes=1000)
+    shards = [s["file"] for s in index["shards"]]
+    assert sorted(files_of(tmp_path / "remote")) == sorted(shards + [INDEX_FILE])
+    assert all((tmp_path / "remote" / f).read_bytes() == (tmp_path / "local" / f).read_bytes() for f in shards)
+    assert remote["shards"] == index["shards"] and remote["dropped_tokens"] == index["dropped_tokens"]
+    counts = ("bytes", "documents", "tokens", "empty_documents", "invalid_utf8_documents")
+    assert [s["path"] for s in remote["sources"]] == [ALIAS + s["path"] for s in index["sources"]]
+    assert [[s[k] for k in counts] for s in remote["sources"]] == [[s[k] for k in counts] for s in index["sources"]]
+    # The finished dataset is found again through the filesystem; a missing input is one line.
+    assert prepare_on_beam(ByteTokenizer(), inputs, output, block_size=31, blocks_per_shard=40,
+                           pipeline_options=IN_MEMORY) == (remote, {})
+    with pytest.raises(DataError, match="input alias://.*nope.jsonl matches 0 files; expected one file"):
+        prepare_on_beam(ByteTokenizer(), [ALIAS + str(tmp_path / "nope.jsonl")], ALIAS + str(tmp_path / "x"),
+                        block_size=8, pipeline_options=IN_MEMORY)
 
 
 def test_a_vocab_over_65536_ids_gives_the_same_uint32_shards(tmp_path):

@@ -20,7 +20,8 @@ def register(subparsers) -> None:
     prepare = commands.add_parser("prepare", help="tokenize documents into shards of fixed-length blocks", **examples(
         "hammer data prepare --tokenizer runs/tok --input zh.jsonl en.jsonl code/ --output runs/data --workers 8",
         "hammer data prepare --tokenizer runs/tok --input tfds:wikipedia/20230601.en:train --output runs/wiki",
-        "hammer data prepare --tokenizer runs/tok --input zh.jsonl en.jsonl --output runs/data --engine beam --workers 2",
+        "hammer data prepare --tokenizer runs/tok --input zh.jsonl en.jsonl --output runs/data --engine beam "
+        "--workers 2",
         "hammer data prepare --tokenizer runs/tok --input gs://B/zh.jsonl --output gs://B/data --engine beam "
         '--pipeline-options="--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp"'))
     prepare.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.model + HF json)")

@@ -228,7 +228,8 @@ def index_text(index: dict) -> str:
     return json.dumps(index, indent=1, sort_keys=True) + "\n"
 
 
-def claim(output: str, key: dict, engine: str, index: str | None, progress: str | None) -> tuple[dict | None, dict | None]:
+def claim(output: str, key: dict, engine: str, index: str | None,
+          progress: str | None) -> tuple[dict | None, dict | None]:
     """Decides from an output's index and progress file (their text, or None when absent) what to do:
     (its index, None) when it already is this dataset; (None, the progress state) to resume it;
     (None, None) when it holds neither (the caller checks that it is empty)."""
