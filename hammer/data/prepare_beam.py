@@ -27,6 +27,7 @@ This module imports Beam only when it runs, so the rest of hammer works without 
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -40,7 +41,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from hammer.data.prepare import (INDEX_FILE, PROGRESS_FILE, build_index, check_kinds, check_settings, claim,
+from hammer.data.prepare import (INDEX_FILE, PROGRESS_FILE, build_index, check_settings, claim,
                                  count_document, dataset_key, encode_chunk, index_text, load_tokenizer,
                                  new_counts, shard_name)
 from hammer.data.sources import (DataError, RowError, Source, at_row, column_texts, json_text, open_source,
@@ -96,7 +97,6 @@ def prepare_on_beam(tokenizer, inputs: Sequence[str | os.PathLike], output: str 
     flags = shlex.split(pipeline_options) if isinstance(pipeline_options, str) else list(pipeline_options)
     options = PipelineOptions(_default_flags(workers) + flags)
     sources = [_open(str(spec), text_field) for spec in inputs]
-    check_kinds([source for source, _ in sources])
     key = dataset_key(settings, [identity for _, identity in sources])
     output = _absolute(str(output))
     created = not FileSystems.exists(output)
@@ -110,10 +110,7 @@ def prepare_on_beam(tokenizer, inputs: Sequence[str | os.PathLike], output: str 
     items = [item for number, (source, _) in enumerate(sources) for item in _items(number, source, split_bytes)]
 
     pipeline = beam.Pipeline(options=options)
-    summaries = (pipeline | "items" >> beam.Create(items) | "spread items" >> beam.Reshuffle()
-                 | "tokenize" >> beam.Map(_tokenize, tokenizer, settings, work))
-    _ = (summaries | "all summaries" >> beam.combiners.ToList() | "layout" >> beam.FlatMap(_layout, settings)
-         | "spread shards" >> beam.Reshuffle() | "write shards" >> beam.Map(_write_shard, settings, output, work))
+    _build(pipeline, items, tokenizer, settings, output, work)
     try:
         result = pipeline.run()
         result.wait_until_finish()
@@ -123,25 +120,44 @@ def prepare_on_beam(tokenizer, inputs: Sequence[str | os.PathLike], output: str 
             raise  # keep progress.json and work/: the rerun resumes
         _discard(output, created)
         raise DataError(bad_input) from None
-
-    summaries = {s["item"]: s for s in (json.loads(_read_text(FileSystems.join(work, f"{item.name}.json")))
-                                        for item in items)}
-    counts = [new_counts() for _ in sources]
-    for item in items:
-        for name, value in summaries[item.name]["counts"].items():
-            counts[item.source][name] += value
-    shards = _layout(list(summaries.values()), settings)
-    if not shards:
-        tokens = sum(c["tokens"] for c in counts)
-        _discard(output, created)
-        raise DataError(f"inputs give {tokens} tokens, less than one block of {block_size}; nothing to write")
-    records = [json.loads(_read_text(FileSystems.join(work, f"{shard_name(s['number'])}.json"))) for s in shards]
-    blocks = sum(r["blocks"] for r in records)
-    index = build_index(key, counts, records, sum(c["tokens"] for c in counts) - blocks * block_size)
-    _write_text(FileSystems.join(output, INDEX_FILE), index_text(index))
-    FileSystems.delete([work, FileSystems.join(output, PROGRESS_FILE)])
+    index = _finish(key, items, output, work, created)
     counters = result.metrics().query(MetricsFilter().with_namespace(_METRICS))["counters"]
     return index, {c.key.metric.name: c.committed for c in counters}
+
+
+def _build(pipeline, items: list[WorkItem], tokenizer, settings: dict, output: str, work: str) -> None:
+    """Pass 1 (tokenize every item), then, once all are done, pass 2 (write every shard)."""
+    import apache_beam as beam
+
+    summaries = (pipeline | "items" >> beam.Create(items) | "spread items" >> beam.Reshuffle()
+                 | "tokenize" >> beam.Map(_tokenize, tokenizer, settings, work))
+    _ = (summaries | "all summaries" >> beam.combiners.ToList() | "layout" >> beam.FlatMap(_layout, settings)
+         | "spread shards" >> beam.Reshuffle() | "write shards" >> beam.Map(_write_shard, settings, output, work))
+
+
+def _finish(key: dict, items: list[WorkItem], output: str, work: str, created: bool) -> dict:
+    """The index from the work files, written last; then the work files and progress.json go."""
+    from apache_beam.io.filesystems import FileSystems
+
+    settings = key["settings"]
+    summaries = [json.loads(_read_text(FileSystems.join(work, f"{item.name}.json"))) for item in items]
+    counts = [new_counts() for _ in key["sources"]]
+    for item, summary in zip(items, summaries):
+        for name, value in summary["counts"].items():
+            counts[item.source][name] += value
+    tokens = sum(c["tokens"] for c in counts)
+    shards = _layout(summaries, settings)
+    if not shards:
+        _discard(output, created)
+        raise DataError(f"inputs give {tokens} tokens, less than one block of {settings['block_size']}; "
+                        "nothing to write")
+    records = [json.loads(_read_text(FileSystems.join(work, f"{shard_name(s['number'])}.json"))) for s in shards]
+    blocks = sum(r["blocks"] for r in records)
+    index = build_index(key, counts, records, tokens - blocks * settings["block_size"])
+    _write_text(FileSystems.join(output, INDEX_FILE), index_text(index))
+    _delete_tree(work)
+    FileSystems.delete([FileSystems.join(output, PROGRESS_FILE)])
+    return index
 
 
 def _default_flags(workers: int) -> list[str]:
@@ -347,7 +363,7 @@ def _write_shard(shard: dict, settings: dict, output: str, work: str) -> dict:
         return json.loads(_read_text(record_path))
     size = np.dtype(settings["dtype"]).itemsize
     digest, written = hashlib.sha256(), 0
-    tmp = FileSystems.join(output, f".{name}.{uuid.uuid4().hex}.partial")
+    tmp = FileSystems.join(work, f".{name}.{uuid.uuid4().hex}.partial")  # leftovers go with work/
     with FileSystems.create(tmp, compression_type="uncompressed") as out:
         for item, first, end in shard["pieces"]:
             with FileSystems.open(FileSystems.join(work, f"{item}.bin"), compression_type="uncompressed") as f:
@@ -377,8 +393,9 @@ def _claim_output(output: str, key: dict) -> tuple[dict | None, dict | None]:
                         _read_text(FileSystems.join(output, PROGRESS_FILE)))
     if done is not None or state is not None:
         return done, state
-    if FileSystems.exists(output) and (FileSystems.match([FileSystems.join(output, "*")])[0].metadata_list
-                                       or FileSystems.get_scheme(output) is None and not os.path.isdir(output)):
+    # An object store has no directories: a prefix is empty when nothing is listed under it.
+    listed = FileSystems.match([FileSystems.join(output, "*")])[0].metadata_list
+    if listed or FileSystems.get_scheme(output) is None and os.path.exists(output) and not os.path.isdir(output):
         raise DataError(f"output {output} exists and is not an unfinished preparation; choose a new path")
     if not FileSystems.exists(output):
         FileSystems.mkdirs(output)
@@ -406,18 +423,25 @@ def _bad_input(work: str, items: list[WorkItem]) -> str | None:
 
 
 def _discard(output: str, created: bool) -> None:
-    """Removes what this engine wrote into `output` (found empty, absent or holding its own progress)."""
+    """Removes what a run stopped before its first shard wrote into `output` (found empty or absent)."""
     from apache_beam.io.filesystems import FileSystems
 
-    ours = [m.path for m in FileSystems.match([FileSystems.join(output, "shard-*")])[0].metadata_list]
-    ours += [p for p in (FileSystems.join(output, WORK_DIR), FileSystems.join(output, PROGRESS_FILE))
-             if FileSystems.exists(p)]
-    FileSystems.delete(ours)
+    _delete_tree(FileSystems.join(output, WORK_DIR))
+    progress = FileSystems.join(output, PROGRESS_FILE)
+    if FileSystems.exists(progress):
+        FileSystems.delete([progress])
     if created and FileSystems.get_scheme(output) is None:
-        try:
-            os.rmdir(output)  # only when empty
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):  # only when empty
+            os.rmdir(output)
+
+
+def _delete_tree(directory: str) -> None:
+    """Deletes the files in `directory`, then the directory where a filesystem has directories."""
+    from apache_beam.io.filesystems import FileSystems
+
+    FileSystems.delete([m.path for m in FileSystems.match([FileSystems.join(directory, "*")])[0].metadata_list])
+    if FileSystems.exists(directory):
+        FileSystems.delete([directory])
 
 
 def _read_text(path: str) -> str | None:
