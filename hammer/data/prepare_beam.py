@@ -221,9 +221,9 @@ def _remote_source(spec: str, text_field: str) -> Source:
 
 
 def _items(number: int, source: Source, split_bytes: int) -> Iterator[WorkItem]:
+    """Input `number`'s work items: its row groups, its byte ranges, or all of a gzip file."""
     from apache_beam.io.filesystems import FileSystems
 
-    item = WorkItem(number, 0, source.path, source.format, source.text_field)
     if source.format == "parquet":
         import pyarrow.parquet as pq
 
@@ -232,7 +232,7 @@ def _items(number: int, source: Source, split_bytes: int) -> Iterator[WorkItem]:
         for group in range(groups):
             yield WorkItem(number, group, source.path, source.format, source.text_field, row_group=group)
     elif source.path.lower().endswith(".gz"):
-        yield item
+        yield WorkItem(number, 0, source.path, source.format, source.text_field)
     else:
         size = FileSystems.match([source.path])[0].metadata_list[0].size_in_bytes
         for k, start in enumerate(range(0, size, split_bytes)):
