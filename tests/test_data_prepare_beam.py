@@ -14,7 +14,7 @@ from hammer.data.prepare import INDEX_FILE, PROGRESS_FILE
 from tests.data_helpers import ByteTokenizer, write_jsonl
 from tests.tokenizer_fixtures import write_tiny_tokenizer
 
-pytest.importorskip("apache_beam")
+pytest.importorskip("apache_beam", reason="needs the beam extra (apache-beam)")
 
 from apache_beam.io.localfilesystem import LocalFileSystem  # noqa: E402
 
