@@ -151,7 +151,10 @@ def prepare(tokenizer, inputs: Sequence[str | os.PathLike], output: str | os.Pat
     tokenizer = load_tokenizer(tokenizer)
     settings = check_settings(tokenizer, inputs, block_size, workers, blocks_per_shard)
     sources = [open_source(p, text_field, tfds_data_dir) for p in inputs]
-    check_kinds(sources)
+    if len({s.kind for s in sources}) > 1:
+        raise DataError("inputs mix text with ready token blocks "
+                        f"({[s.path for s in sources if s.kind == 'tokens']}); prepare them apart and mix "
+                        "the prepared datasets in the loader")
     key = dataset_key(settings, [s.identity() for s in sources])
     output = Path(output)
     created = not output.exists()
@@ -198,13 +201,6 @@ def check_settings(tokenizer, inputs: Sequence, block_size: int, workers: int,
             "dtype": token_dtype(tokenizer.vocab_size).name,
             "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
                           "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}}
-
-
-def check_kinds(sources: Sequence[Source]) -> None:
-    if len({s.kind for s in sources}) > 1:
-        raise DataError("inputs mix text with ready token blocks "
-                        f"({[s.path for s in sources if s.kind == 'tokens']}); prepare them apart and mix "
-                        "the prepared datasets in the loader")
 
 
 def dataset_key(settings: dict, identities: list[dict]) -> dict:
