@@ -88,7 +88,11 @@ class AliasFileSystem(LocalFileSystem):
         return super().match([_local(p) for p in patterns], limits)
 
     def create(self, path, *args, **kwargs):
-        return super().create(_local(path), *args, **kwargs)
+        local = Path(_local(path))
+        # A full disk for shard 1 while the file `disk-full` lies beside the output (OUT/beam-work/.shard-...).
+        if local.name.startswith(".shard-00001") and (local.parents[2] / "disk-full").exists():
+            raise OSError(28, "No space left on device", str(local))
+        return super().create(str(local), *args, **kwargs)
 
     def open(self, path, *args, **kwargs):
         return super().open(_local(path), *args, **kwargs)
@@ -263,6 +267,23 @@ def test_a_crashed_pipeline_leaves_no_index_and_the_same_command_completes_it(tm
     assert index == prepare(FailingTokenizer(trap), [data], tmp_path / "local", block_size=6, blocks_per_shard=20)
     assert files_of(tmp_path / "out") == files_of(tmp_path / "local")
     assert counters["documents"] <= index["documents"]
+
+
+def test_a_pipeline_failing_while_writing_shards_is_completed_by_the_rerun_without_tokenizing_again(tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", [f"words and more words {i}" for i in range(80)])
+    settings = dict(block_size=16, blocks_per_shard=20, split_bytes=500, pipeline_options=IN_MEMORY)
+    (tmp_path / "disk-full").touch()
+    with pytest.raises(Exception, match="No space left on device"):
+        prepare_on_beam(ByteTokenizer(), [ALIAS + str(data)], ALIAS + str(tmp_path / "out"), **settings)
+    assert not (tmp_path / "out" / INDEX_FILE).exists() and (tmp_path / "out" / PROGRESS_FILE).exists()
+    (tmp_path / "disk-full").unlink()
+    index, counters = prepare_on_beam(ByteTokenizer(), [ALIAS + str(data)], ALIAS + str(tmp_path / "out"),
+                                      **settings)
+    local = prepare(ByteTokenizer(), [data], tmp_path / "local", block_size=16, blocks_per_shard=20)
+    assert len(local["shards"]) == 7 and index["shards"] == local["shards"]
+    assert files_of(tmp_path / "out") == {f: b for f, b in files_of(tmp_path / "local").items() if f != INDEX_FILE} \
+        | {INDEX_FILE: (tmp_path / "out" / INDEX_FILE).read_bytes()}
+    assert counters.get("documents", 0) == 0 and 1 <= counters["shards"] <= 7  # every item was tokenized before
 
 
 def test_hammer_data_prepare_engine_beam_prints_beams_counters(tmp_path, capsys):
