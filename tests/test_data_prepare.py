@@ -226,6 +226,16 @@ def test_tfds_input_without_the_tfds_extra_says_how_to_install_it(monkeypatch):
         open_source("tfds:wikipedia/20230601.en:train")
 
 
+def test_engine_beam_without_the_beam_extra_says_how_to_install_it(tmp_path, monkeypatch):
+    from hammer.data.prepare_beam import prepare_on_beam
+
+    monkeypatch.setitem(sys.modules, "apache_beam", None)  # how Python spells "not installed"
+    data = write_jsonl(tmp_path / "in.jsonl", ["some text"])
+    with pytest.raises(DataError, match=r"--engine beam needs Apache Beam: pip install 'hammerllm\[beam\]'"):
+        prepare_on_beam(ByteTokenizer(), [data], tmp_path / "out", block_size=4)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(not _has_tfds(), reason="needs the tfds extra (tensorflow-datasets, array-record)")
 def test_a_local_tfds_array_record_dataset_is_read_through_data_source(tmp_path):
     import tensorflow_datasets as tfds

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from hammer.commands import examples
+from hammer.errors import HammerError
 from hammer.data.prepare import DEFAULT_BLOCK_SIZE
 
 
@@ -17,7 +19,11 @@ def register(subparsers) -> None:
 
     prepare = commands.add_parser("prepare", help="tokenize documents into shards of fixed-length blocks", **examples(
         "hammer data prepare --tokenizer runs/tok --input zh.jsonl en.jsonl code/ --output runs/data --workers 8",
-        "hammer data prepare --tokenizer runs/tok --input tfds:wikipedia/20230601.en:train --output runs/wiki"))
+        "hammer data prepare --tokenizer runs/tok --input tfds:wikipedia/20230601.en:train --output runs/wiki",
+        "hammer data prepare --tokenizer runs/tok --input zh.jsonl en.jsonl --output runs/data --engine beam "
+        "--workers 2",
+        "hammer data prepare --tokenizer runs/tok --input gs://B/zh.jsonl --output gs://B/data --engine beam "
+        '--pipeline-options="--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp"'))
     prepare.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.model + HF json)")
     prepare.add_argument("--input", nargs="+", required=True, metavar="FILE",
                          help=".txt (a document a line), .jsonl/.json, .parquet (optionally .gz for text "
@@ -28,7 +34,15 @@ def register(subparsers) -> None:
                          help=f"tokens per block (default {DEFAULT_BLOCK_SIZE}); the tail after the last "
                               "full block is dropped and counted")
     prepare.add_argument("--text-field", default="text", help="field holding the text (jsonl, parquet, HF, TFDS)")
-    prepare.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    prepare.add_argument("--workers", type=int, default=1,
+                         help="tokenizer processes (with --engine beam: the DirectRunner's worker processes)")
+    prepare.add_argument("--engine", choices=("local", "beam"), default="local",
+                         help="local (default): tokenizer processes on this machine; beam: an Apache Beam "
+                              "pipeline, the same bytes (needs the beam extra)")
+    prepare.add_argument("--pipeline-options", default="", metavar="FLAGS",
+                         help="Beam's own flags for --engine beam, one string after '=' "
+                              "(--pipeline-options=\"--runner=FlinkRunner --flink_master=HOST:8081\"); "
+                              "default: the DirectRunner with --workers processes")
     prepare.add_argument("--blocks-per-shard", type=int, default=None,
                          help="default: 2**25 tokens' worth of blocks")
     prepare.add_argument("--tfds-data-dir", default=None, help="TFDS data directory (default: TFDS's own)")
@@ -54,13 +68,27 @@ def register(subparsers) -> None:
 def _prepare(args: argparse.Namespace) -> None:
     from hammer.data.prepare import prepare
 
-    index = prepare(args.tokenizer, args.input, args.output, block_size=args.block_size,
-                    text_field=args.text_field, workers=args.workers, blocks_per_shard=args.blocks_per_shard,
-                    tfds_data_dir=args.tfds_data_dir, progress=not args.quiet)
+    counters = {}
+    if args.engine == "beam":
+        from hammer.data.prepare_beam import prepare_on_beam
+
+        index, counters = prepare_on_beam(args.tokenizer, args.input, args.output, block_size=args.block_size,
+                                          text_field=args.text_field, workers=args.workers,
+                                          blocks_per_shard=args.blocks_per_shard,
+                                          pipeline_options=args.pipeline_options)
+    elif args.pipeline_options:
+        raise HammerError(f"--pipeline-options {args.pipeline_options!r} needs --engine beam")
+    else:
+        index = prepare(args.tokenizer, args.input, args.output, block_size=args.block_size,
+                        text_field=args.text_field, workers=args.workers, blocks_per_shard=args.blocks_per_shard,
+                        tfds_data_dir=args.tfds_data_dir, progress=not args.quiet)
     if args.json:
         print(json.dumps(index, indent=2, ensure_ascii=False))
     else:
         print(f"{args.output}: {_summary(index)}")
+    if counters:  # Beam's metrics of this run (nothing when the output was already prepared)
+        print("beam counters: " + ", ".join(f"{name} {value}" for name, value in sorted(counters.items())),
+              file=sys.stderr if args.json else sys.stdout)
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -30,6 +30,9 @@ those documents without tokenizing them and carries on. Blocks depend only on th
 worker results are consumed in input order, so the output is byte-identical to an uninterrupted run
 (and to a run with another number of workers).
 
+`hammer/data/prepare_beam.py` prepares the same bytes on Apache Beam (`--engine beam`); the two share
+the packing rule, the settings, the index and the output checks below.
+
 Nothing a user made is overwritten: an output that holds anything but an unfinished preparation of
 the very same inputs, or the very same finished dataset (then nothing is done), is refused. A run
 stopped by bad input (a DataError) before any shard of its own or an earlier run's leaves no output.
@@ -59,7 +62,7 @@ FORMAT = "hammer-token-blocks/1"
 INDEX_FILE = "index.json"
 PROGRESS_FILE = "progress.json"
 _CHUNK_DOCS = 256  # documents per worker task: large enough to amortize the pickling, small to stream
-_COUNTS = ("documents", "empty_documents", "invalid_utf8_documents", "replaced_sequences", "tokens")
+COUNTS = ("documents", "empty_documents", "invalid_utf8_documents", "replaced_sequences", "tokens")
 
 Opener = Callable[[str, int], int]  # as `open(..., opener=)`: lets a caller (a test) choose where bytes go
 
@@ -145,34 +148,14 @@ def prepare(tokenizer, inputs: Sequence[str | os.PathLike], output: str | os.Pat
     Workers are spawned processes, so a script calling this with `workers` > 1 needs the usual
     `if __name__ == "__main__":` guard.
     """
-    if isinstance(tokenizer, (str, os.PathLike)):
-        from hammer.tokenizer import Tokenizer  # sentencepiece loads only when preparing
-
-        tokenizer = Tokenizer.from_pretrained(tokenizer)
-    if block_size < 2:
-        raise DataError(f"block size must be >= 2 (room for BOS and EOS), got {block_size}")
-    if workers < 1:
-        raise DataError(f"workers must be >= 1, got {workers}")
-    if tokenizer.bos_id is None or tokenizer.eos_id is None:
-        raise DataError(f"tokenizer {tokenizer!r} lacks a BOS or EOS token (bos_id={tokenizer.bos_id}, "
-                        f"eos_id={tokenizer.eos_id}); documents are packed as [BOS] + ids + [EOS]")
-    if blocks_per_shard is None:
-        blocks_per_shard = max(1, DEFAULT_SHARD_TOKENS // block_size)
-    if blocks_per_shard < 1:
-        raise DataError(f"blocks per shard must be >= 1, got {blocks_per_shard}")
-    if not inputs:
-        raise DataError("no inputs given")
+    tokenizer = load_tokenizer(tokenizer)
+    settings = check_settings(tokenizer, inputs, block_size, workers, blocks_per_shard)
     sources = [open_source(p, text_field, tfds_data_dir) for p in inputs]
-    kinds = {s.kind for s in sources}
-    if len(kinds) > 1:
+    if len({s.kind for s in sources}) > 1:
         raise DataError("inputs mix text with ready token blocks "
                         f"({[s.path for s in sources if s.kind == 'tokens']}); prepare them apart and mix "
                         "the prepared datasets in the loader")
-    settings = {"block_size": block_size, "blocks_per_shard": blocks_per_shard,
-                "dtype": token_dtype(tokenizer.vocab_size).name,
-                "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-                              "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}}
-    key = {"format": FORMAT, "settings": settings, "sources": [s.identity() for s in sources]}
+    key = dataset_key(settings, [s.identity() for s in sources])
     output = Path(output)
     created = not output.exists()
     done, state = _claim_output(output, key)
@@ -189,6 +172,83 @@ def prepare(tokenizer, inputs: Sequence[str | os.PathLike], output: str | os.Pat
         raise
 
 
+def load_tokenizer(tokenizer):
+    """`tokenizer` itself, or the `hammer.tokenizer.Tokenizer` in the directory it names."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from hammer.tokenizer import Tokenizer  # sentencepiece loads only when preparing
+
+        return Tokenizer.from_pretrained(tokenizer)
+    return tokenizer
+
+
+def check_settings(tokenizer, inputs: Sequence, block_size: int, workers: int,
+                   blocks_per_shard: int | None) -> dict:
+    """The index's settings, after refusing what no engine can prepare."""
+    if block_size < 2:
+        raise DataError(f"block size must be >= 2 (room for BOS and EOS), got {block_size}")
+    if workers < 1:
+        raise DataError(f"workers must be >= 1, got {workers}")
+    if tokenizer.bos_id is None or tokenizer.eos_id is None:
+        raise DataError(f"tokenizer {tokenizer!r} lacks a BOS or EOS token (bos_id={tokenizer.bos_id}, "
+                        f"eos_id={tokenizer.eos_id}); documents are packed as [BOS] + ids + [EOS]")
+    if blocks_per_shard is None:
+        blocks_per_shard = max(1, DEFAULT_SHARD_TOKENS // block_size)
+    if blocks_per_shard < 1:
+        raise DataError(f"blocks per shard must be >= 1, got {blocks_per_shard}")
+    if not inputs:
+        raise DataError("no inputs given")
+    return {"block_size": block_size, "blocks_per_shard": blocks_per_shard,
+            "dtype": token_dtype(tokenizer.vocab_size).name,
+            "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+                          "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}}
+
+
+def dataset_key(settings: dict, identities: list[dict]) -> dict:
+    """What makes two preparations the same dataset: format, settings and inputs (not the engine)."""
+    return {"format": FORMAT, "settings": settings, "sources": identities}
+
+
+def new_counts() -> dict:
+    return dict.fromkeys(COUNTS, 0)
+
+
+def build_index(key: dict, counts: list[dict], shards: list[dict], dropped_tokens: int) -> dict:
+    """The index of a finished dataset: `key`, each source's counts, totals and the shards."""
+    return {"format": key["format"], "settings": key["settings"],
+            "sources": [{**identity, **c} for identity, c in zip(key["sources"], counts)],
+            "documents": sum(c["documents"] for c in counts), "tokens": sum(c["tokens"] for c in counts),
+            "blocks": sum(s["blocks"] for s in shards), "dropped_tokens": dropped_tokens, "shards": shards}
+
+
+def index_text(index: dict) -> str:
+    return json.dumps(index, indent=1, sort_keys=True) + "\n"
+
+
+def claim(output: str, key: dict, engine: str, index: str | None,
+          progress: str | None) -> tuple[dict | None, dict | None]:
+    """Decides from an output's index and progress file (their text, or None when absent) what to do:
+    (its index, None) when it already is this dataset; (None, the progress state) to resume it;
+    (None, None) when it holds neither (the caller checks that it is empty)."""
+    if index is not None:
+        found = json.loads(index)
+        if _key_of(found) == key:
+            return found, None
+        raise DataError(f"output {output} already holds a prepared dataset of other inputs or settings "
+                        f"({_differences(_key_of(found), key)} differ); choose another --output")
+    if progress is not None:
+        state = json.loads(progress)
+        if state["key"] != key:
+            raise DataError(f"output {output} holds an unfinished preparation of other inputs or settings "
+                            f"({_differences(state['key'], key)} differ); rerun that command to finish it, "
+                            "or choose another --output")
+        other = state.get("engine", "local")  # progress files of earlier versions name no engine
+        if other != engine:
+            raise DataError(f"output {output} holds an unfinished preparation by the {other} engine; "
+                            f"rerun it with --engine {other} to finish it, or choose another --output")
+        return None, state
+    return None, None
+
+
 def _discard(output: Path, created: bool) -> None:
     """Removes what a fresh run wrote into `output` (which it found empty or absent)."""
     for path in output.iterdir():
@@ -202,19 +262,10 @@ def _discard(output: Path, created: bool) -> None:
 def _claim_output(output: Path, key: dict) -> tuple[dict | None, dict | None]:
     """(finished index, None) when `output` already is this dataset; (None, progress or None) to (re)start."""
     index_path, progress_path = output / INDEX_FILE, output / PROGRESS_FILE
-    if index_path.is_file():
-        index = json.loads(index_path.read_text())
-        if _key_of(index) == key:
-            return index, None
-        raise DataError(f"output {output} already holds a prepared dataset of other inputs or settings "
-                        f"({_differences(_key_of(index), key)} differ); choose another --output")
-    if progress_path.is_file():
-        state = json.loads(progress_path.read_text())
-        if state["key"] != key:
-            raise DataError(f"output {output} holds an unfinished preparation of other inputs or settings "
-                            f"({_differences(state['key'], key)} differ); rerun that command to finish it, "
-                            "or choose another --output")
-        return None, state
+    done, state = claim(str(output), key, "local", index_path.read_text() if index_path.is_file() else None,
+                        progress_path.read_text() if progress_path.is_file() else None)
+    if done is not None or state is not None:
+        return done, state
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise DataError(f"output {output} exists and is not an unfinished preparation; choose a new path")
     output.mkdir(parents=True, exist_ok=True)
@@ -223,7 +274,7 @@ def _claim_output(output: Path, key: dict) -> tuple[dict | None, dict | None]:
 
 def _key_of(index: dict) -> dict:
     return {"format": index.get("format"), "settings": index.get("settings"),
-            "sources": [{k: v for k, v in s.items() if k not in _COUNTS} for s in index.get("sources", [])]}
+            "sources": [{k: v for k, v in s.items() if k not in COUNTS} for s in index.get("sources", [])]}
 
 
 def _differences(old: dict, new: dict) -> str:
@@ -243,7 +294,7 @@ class _Preparation:
         self.dtype = np.dtype(settings["dtype"])
         fresh = state is None
         state = state or {"shards": [], "resume": vars(_Resume()),
-                          "counts": [dict.fromkeys(_COUNTS, 0) for _ in sources]}
+                          "counts": [new_counts() for _ in sources]}
         self.shards: list[dict] = state["shards"]
         self.resume = _Resume(**state["resume"])
         self.counts: list[dict] = state["counts"]
@@ -275,13 +326,9 @@ class _Preparation:
         if blocks == 0:
             raise DataError(f"inputs give {len(carry)} tokens, less than one block of {self.block_size}; "
                             "nothing to write")
-        index = {"format": FORMAT, "settings": self.settings,
-                 "sources": [{**identity, **c} for identity, c in zip(self.key["sources"], self.counts)],
-                 "documents": sum(c["documents"] for c in self.counts),
-                 "tokens": sum(c["tokens"] for c in self.counts),
-                 "blocks": blocks, "dropped_tokens": len(carry), "shards": self.shards}
+        index = build_index(self.key, self.counts, self.shards, len(carry))
         with atomic_file(self.output / INDEX_FILE) as f:
-            f.write(json.dumps(index, indent=1, sort_keys=True) + "\n")
+            f.write(index_text(index))
         (self.output / PROGRESS_FILE).unlink(missing_ok=True)
         return index
 
@@ -354,10 +401,10 @@ class _Preparation:
                         self._close_shard((_Resume(chunk.source, number, following), self.counts))
                     else:
                         after = copy.deepcopy(self.counts)
-                        _count(after[chunk.source], doc, length)
+                        count_document(after[chunk.source], doc, length)
                         self._close_shard((_Resume(chunk.source, number + 1, 0), after))
             carry = rest.copy()  # a copy: the chunk's stream can be freed
-            _count(self.counts[chunk.source], doc, length)
+            count_document(self.counts[chunk.source], doc, length)
         return carry
 
     def _write_block(self, block: np.ndarray) -> None:
@@ -386,7 +433,7 @@ class _Preparation:
             self._save_progress(*resume)
 
     def _save_progress(self, where: _Resume, counts: list[dict]) -> None:
-        state = {"key": self.key, "shards": self.shards, "resume": vars(where), "counts": counts}
+        state = {"engine": "local", "key": self.key, "shards": self.shards, "resume": vars(where), "counts": counts}
         with atomic_file(self.output / PROGRESS_FILE) as f:
             f.write(json.dumps(state, indent=1, sort_keys=True) + "\n")
 
@@ -398,7 +445,8 @@ class _Preparation:
             (self.output / (shard_name(len(self.shards)) + ".partial")).unlink(missing_ok=True)
 
 
-def _count(counts: dict, doc, length: int) -> None:
+def count_document(counts: dict, doc, length: int) -> None:
+    """Adds one document (a Text or a row of ids) of `length` stream tokens to a source's counts."""
     if isinstance(doc, Text) and doc.replaced:
         counts["invalid_utf8_documents"] += 1
         counts["replaced_sequences"] += doc.replaced

@@ -68,6 +68,47 @@ def _clean_str(text: str) -> Text:
         return decode_utf8(text.encode("utf-8", errors="surrogatepass"))
 
 
+class RowError(ValueError):
+    """A record that cannot be read; whoever knows where it lies names the file and row."""
+
+
+def at_row(path: str, line: int, error: RowError) -> DataError:
+    """The DataError of a bad record, naming its file and (1-based) line."""
+    return DataError(f"{path}:{line} {error}")
+
+
+def text_line(raw: bytes) -> Text:
+    """One document of a text file: a line without its line ending."""
+    return decode_utf8(raw.rstrip(b"\r\n"))
+
+
+def json_text(raw: bytes, text_field: str) -> Text:
+    """The text in `text_field` of one jsonl line (a blank line is an empty document); RowError if none."""
+    decoded = decode_utf8(raw)
+    if not decoded.text.strip():
+        return decoded
+    try:
+        record = json.loads(decoded.text)
+    except json.JSONDecodeError as e:
+        raise RowError(f"is not JSON: {e}") from None
+    if not isinstance(record, dict) or text_field not in record:
+        fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise RowError(f"has no field {text_field!r} (found {fields}); choose the field with --text-field")
+    value = record[text_field]
+    if value is None:
+        return Text("", decoded.replaced)
+    if not isinstance(value, str):
+        raise RowError(f"field {text_field!r} is a {type(value).__name__}, expected a string")
+    cleaned = _clean_str(value)
+    return Text(cleaned.text, cleaned.replaced + decoded.replaced)
+
+
+def column_texts(column) -> Iterator[Text]:
+    """The documents of an arrow string column (a null is an empty document)."""
+    for value in column.to_pylist():
+        yield Text("") if value is None else _clean_str(value)
+
+
 @dataclass(frozen=True)
 class Source:
     """One input. `kind` is "text" (documents to tokenize) or "tokens" (ready blocks of ids)."""
@@ -110,7 +151,7 @@ class Source:
     def _text_lines(self, start: int) -> Iterator[Text]:
         with _open_binary(Path(self.path)) as f:
             for raw in itertools.islice(f, start, None):
-                yield decode_utf8(raw.rstrip(b"\r\n"))
+                yield text_line(raw)
 
     def _text_files(self, start: int) -> Iterator[Text]:
         for path in sorted(_walk(Path(self.path)))[start:]:
@@ -119,28 +160,11 @@ class Source:
     def _jsonl(self, start: int) -> Iterator[Text]:
         with _open_binary(Path(self.path)) as f:
             for line, raw in itertools.islice(enumerate(f, 1), start, None):
-                yield self._json_text(raw, line)
-
-    def _json_text(self, raw: bytes, line: int) -> Text:
-        decoded = decode_utf8(raw)
-        if not decoded.text.strip():
-            return decoded  # a blank line: an empty document
-        try:
-            record = json.loads(decoded.text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{self.path}:{line} is not JSON: {e}") from None
-        if not isinstance(record, dict) or self.text_field not in record:
-            fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise DataError(f"{self.path}:{line} has no field {self.text_field!r} (found {fields}); "
-                            "choose the field with --text-field")
-        value = record[self.text_field]
-        if value is None:
-            return Text("", decoded.replaced)
-        if not isinstance(value, str):
-            raise DataError(f"{self.path}:{line} field {self.text_field!r} is a {type(value).__name__}, "
-                            "expected a string")
-        cleaned = _clean_str(value)
-        return Text(cleaned.text, cleaned.replaced + decoded.replaced)
+                try:
+                    doc = json_text(raw, self.text_field)
+                except RowError as e:
+                    raise at_row(self.path, line, e) from None
+                yield doc
 
     def _parquet(self, start: int) -> Iterator[Text | np.ndarray]:
         import pyarrow.parquet as pq
@@ -161,8 +185,7 @@ class Source:
             if self.kind == "tokens":
                 yield from _token_rows(column, self.path)
             else:
-                for value in column.to_pylist():
-                    yield Text("") if value is None else _clean_str(value)
+                yield from column_texts(column)
 
     def _tfds(self, start: int) -> Iterator[Text]:
         source = _tfds_source(self.path, self.tfds_data_dir)
