@@ -73,7 +73,9 @@ def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture
     optimizer, scheduler = step_fn.optimizer, step_fn.scheduler
 
     checkpoints = run_dir / CHECKPOINTS_DIR
-    resumed = train_checkpoint.restore(checkpoints, model_config, model, optimizer, scheduler)
+    checkpointer = train_checkpoint.Checkpointer(checkpoints, model_config, model, optimizer, scheduler,
+                                                 keep=config.keep_checkpoints, tokenizer=tokenizer)
+    resumed = checkpointer.restore()
     step = resumed.step if resumed else 0
     loader = Loader(mixture, config.batch_size, seed=config.seed, step=step,
                     process_index=rank, process_count=world)
@@ -95,6 +97,7 @@ def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture
         if metrics is not None:
             closing.enter_context(metrics)
         closing.callback(progress.close)
+        closing.enter_context(checkpointer)  # the last save finishes writing before train returns
         while step < config.steps:
             rows = torch.from_numpy(next(loader).astype(np.int64)).to(device)
             began = time.perf_counter()
@@ -122,9 +125,7 @@ def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture
                 if metrics is not None:
                     metrics.write({"step": step, "kind": "eval", "domains": domains})
             if step % config.checkpoint_every == 0 or step == config.steps or stop:
-                train_checkpoint.save(checkpoints, train_checkpoint.TrainerState(
-                    step, loader.state.to_dict()), model, optimizer, scheduler,
-                    config.keep_checkpoints, tokenizer)
+                checkpointer.save(train_checkpoint.TrainerState(step, loader.state.to_dict()))
             if stop:
                 if rank == 0:
                     print(f"SIGTERM: saved step {step} in {checkpoints}; rerun the same command to "

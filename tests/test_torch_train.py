@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -244,9 +245,73 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_with_a_warni
         train(cut)
     assert train_losses(run) == train_losses(reference)  # steps 5 and 6 trained again, identically
     for step in (2, 4, 6):
-        (run / "checkpoints" / f"step_{step}" / "optimizer.pt").write_bytes(b"torn")
+        (run / "checkpoints" / f"step_{step}" / "optimizer" / ".metadata").write_bytes(b"torn")
     with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no checkpoint .* is readable"):
         train(cut)
+
+
+def test_a_checkpoint_is_a_model_directory_beside_the_optimizer_shards_and_nothing_else(uninterrupted):
+    """Each step_<N> holds what HF reads, the trainer's state and DCP's optimizer directory (one
+    shard per rank); no RNG state, no temporaries; the run directory reads as its newest step."""
+    import convert
+
+    _, run = uninterrupted
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_2", "step_4", "step_6"]
+    step = checkpoints / "step_6"
+    assert sorted(p.name for p in step.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "optimizer", "trainer.json"]
+    assert sorted(p.name for p in (step / "optimizer").iterdir()) == [".metadata", "__0_0.distcp"]
+    _, newest = convert.read_checkpoint(run)
+    _, saved = convert.read_checkpoint(step)
+    assert newest.keys() == saved.keys() and all(np.array_equal(newest[k], saved[k]) for k in saved)
+
+
+def test_a_save_is_a_snapshot_written_while_training_goes_on_and_restores_exactly(inputs, tmp_path):
+    """`save` returns once weights, AdamW's moments and the schedule are copied: changing them in
+    place right after leaves the checkpoint as it was, and a fresh model, optimizer and scheduler
+    restore those values exactly, the lr of the next update included."""
+    from hammer.config import ModelConfig
+    from hammer_torch import train_step
+    from hammer_torch.model import Llama
+    from hammer_torch.train_checkpoint import Checkpointer, TrainerState
+
+    config = from_dict(train_settings(inputs, tmp_path / "run", backend="torch", validation={}))
+    model_config = ModelConfig.from_hf(inputs.model)
+    rows = torch.randint(3, 259, (config.batch_size, 33))
+
+    def built():
+        torch.manual_seed(0)
+        step = train_step.build(config, Llama(model_config), torch.device("cpu"))
+        return step, Checkpointer(tmp_path / "checkpoints", model_config, step.model, step.optimizer,
+                                  step.scheduler, keep=2)
+
+    with train_step.process_group():
+        step, checkpointer = built()
+        for _ in range(3):
+            step(rows)
+        weights = {n: p.detach().clone() for n, p in step.model.named_parameters()}
+        moments = {n: step.optimizer.optim.state[p]["exp_avg"].clone()
+                   for n, p in step.model.named_parameters()}
+        lr = step.optimizer.param_groups[0]["lr"]
+        with checkpointer:
+            slow_disk = threading.Event()  # rank 0's writer busy: the weights are written after the changes
+            checkpointer.writer.submit(slow_disk.wait)
+            checkpointer.save(TrainerState(3, {"seed": 1, "step": 3}))
+            with torch.no_grad():
+                for p in step.model.parameters():
+                    p.add_(1.0)
+                    step.optimizer.optim.state[p]["exp_avg"].add_(1.0)
+            step(rows)  # the schedule moves on too
+            slow_disk.set()
+
+        again, restorer = built()
+        with restorer:
+            assert restorer.restore() == TrainerState(3, {"seed": 1, "step": 3})
+        for name, p in again.model.named_parameters():
+            assert torch.equal(p, weights[name]), name
+            assert torch.equal(again.optimizer.optim.state[p]["exp_avg"], moments[name]), name
+        assert again.optimizer.param_groups[0]["lr"] == lr != step.optimizer.param_groups[0]["lr"]
 
 
 def test_tensor_parallel_mesh_is_refused_naming_the_key(inputs, tmp_path):
