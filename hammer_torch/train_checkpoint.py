@@ -108,7 +108,7 @@ class Checkpointer:
             read = read or _read(path, self.model_config)
             error = None
         except Exception as e:  # noqa: BLE001 -- reported below, with every other rank's
-            error = f"{type(e).__name__}: {e}"
+            error = _describe(e)
         self._agree(f"rank 0 resumes {path}, which", error)
         state, tensors, scheduler = read
         self.model.load_state_dict(tensors, strict=True)
@@ -116,10 +116,10 @@ class Checkpointer:
         try:  # collective: a rank that fails to read makes every rank raise
             dcp.load({"optimizer": optimizer}, checkpoint_id=path / OPTIMIZER_DIR,
                      process_group=self.group)
-        except Exception as e:  # noqa: BLE001 -- DCP raises on every rank, naming the failed ranks
+        except (Exception, dcp.CheckpointException) as e:  # DCP raises on every rank, naming the failed ones
             raise CheckpointError(f"rank 0 resumes {path}, but not every rank reads its optimizer "
-                                  f"state ({type(e).__name__}: {e}); all ranks stop instead of "
-                                  f"training different weights") from None
+                                  f"state ({_describe(e)}); all ranks stop instead of training "
+                                  f"different weights") from None
         set_optimizer_state_dict(self.model, self.optimizer.optim, optimizer, options=_BY_NAME)
         self.scheduler.load_state_dict(scheduler)
         # ZeRO hands each group's lr to its local AdamW at every step; the scheduler sets it only
@@ -199,8 +199,8 @@ class Checkpointer:
         try:
             if pending is not None:
                 pending.result()
-        except Exception as e:  # noqa: BLE001 -- reported to every rank by the caller
-            return f"{type(e).__name__}: {e}"
+        except (Exception, dcp.CheckpointException) as e:  # reported to every rank by the caller
+            return _describe(e)
         return None
 
     def _agree(self, what: str, error: str | None) -> None:
@@ -216,6 +216,13 @@ class Checkpointer:
         if self.writer is not None:
             self.writer.shutdown()
         dist.destroy_process_group(self.group)
+
+
+def _describe(error: BaseException) -> str:
+    """One line: DCP's CheckpointException carries each failed rank's exception and traceback."""
+    if isinstance(error, dcp.CheckpointException):
+        return "; ".join(f"rank {rank}: {_describe(e)}" for rank, (e, _) in sorted(error.failures.items()))
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def _read(path: Path, model_config: ModelConfig):
