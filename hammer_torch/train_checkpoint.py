@@ -103,7 +103,7 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint in {self.directory} is readable; refusing to "
                                   f"restart the run from scratch: {detail}")
         path = Path(detail)
-        read = self._chosen if self.rank == 0 else None
+        read, self._chosen = self._chosen, None  # rank 0's; not held past the restore
         try:
             read = read or _read(path, self.model_config)
             error = None
