@@ -109,7 +109,7 @@ class Checkpointer:
             error = None
         except Exception as e:  # noqa: BLE001 -- reported below, with every other rank's
             error = _describe(e)
-        self._agree(f"rank 0 resumes {path}, which", error)
+        self._agree(error, f"reading {path}, the checkpoint rank 0 chose,")
         state, tensors, scheduler = read
         self.model.load_state_dict(tensors, strict=True)
         optimizer = get_optimizer_state_dict(self.model, self.optimizer.optim, options=_BY_NAME)
@@ -117,9 +117,8 @@ class Checkpointer:
             dcp.load({"optimizer": optimizer}, checkpoint_id=path / OPTIMIZER_DIR,
                      process_group=self.group)
         except (Exception, dcp.CheckpointException) as e:  # DCP raises on every rank, naming the failed ones
-            raise CheckpointError(f"rank 0 resumes {path}, but not every rank reads its optimizer "
-                                  f"state ({_describe(e)}); all ranks stop instead of training "
-                                  f"different weights") from None
+            raise CheckpointError(f"reading {path}, the checkpoint rank 0 chose, failed: {_describe(e)}; "
+                                  f"every rank stops") from None
         set_optimizer_state_dict(self.model, self.optimizer.optim, optimizer, options=_BY_NAME)
         self.scheduler.load_state_dict(scheduler)
         # ZeRO hands each group's lr to its local AdamW at every step; the scheduler sets it only
@@ -150,8 +149,7 @@ class Checkpointer:
     def wait(self) -> None:
         """Blocks until the save in flight is complete on disk, on every rank; a rank whose
         writing failed makes all raise."""
-        error = self._finish_pending()
-        self._agree("the checkpoint being written", error)
+        self._agree(self._finish_pending(), "writing the last checkpoint")
 
     def close(self) -> None:
         self.wait()
@@ -164,8 +162,9 @@ class Checkpointer:
         failures = []
         for path in reversed(torch_step_dirs(self.directory)):
             try:
-                self._chosen = _read(path, self.model_config)
+                read = _read(path, self.model_config)
                 dcp.FileSystemReader(path / OPTIMIZER_DIR).read_metadata()
+                self._chosen = read
                 return "chosen", str(path)
             except Exception as e:  # noqa: BLE001 -- anything unreadable: the previous one may be fine
                 warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
@@ -203,14 +202,13 @@ class Checkpointer:
             return _describe(e)
         return None
 
-    def _agree(self, what: str, error: str | None) -> None:
+    def _agree(self, error: str | None, what: str) -> None:
         """Raises the same CheckpointError on every rank when any rank reports an error."""
         errors = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error, group=self.group)
-        failed = [f"rank {rank}: {e}" for rank, e in enumerate(errors) if e]
+        failed = "; ".join(f"rank {rank} ({e})" for rank, e in enumerate(errors) if e)
         if failed:
-            raise CheckpointError(f"{what} fails on {len(failed)} rank(s) ({'; '.join(failed)}); all "
-                                  f"ranks stop instead of training different weights")
+            raise CheckpointError(f"{what} failed: {failed}; every rank stops")
 
     def _release(self) -> None:
         if self.writer is not None:
@@ -221,7 +219,7 @@ class Checkpointer:
 def _describe(error: BaseException) -> str:
     """One line: DCP's CheckpointException carries each failed rank's exception and traceback."""
     if isinstance(error, dcp.CheckpointException):
-        return "; ".join(f"rank {rank}: {_describe(e)}" for rank, (e, _) in sorted(error.failures.items()))
+        return "; ".join(f"rank {rank} ({_describe(e)})" for rank, (e, _) in sorted(error.failures.items()))
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
