@@ -1,6 +1,7 @@
 """The torch trainer: it trains as transformers would, DDP averages gradients through the loss
 module, ZeRO-1 partitions the optimizer state, several processes train as one, a killed run resumes
-exactly, an unreadable checkpoint falls back to the previous one."""
+exactly, an unreadable checkpoint falls back to the previous one; each rank saves its own shard in
+the background, any number of ranks resumes it, and the ranks resume one step or none."""
 from __future__ import annotations
 
 import re
