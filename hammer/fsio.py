@@ -19,7 +19,7 @@ def atomic_directory(dst: str | os.PathLike) -> Iterator[Path]:
     if dst.exists():
         raise FileExistsError(f"output {dst} already exists; choose a new path or remove it")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _partial_name(dst)
+    tmp = partial_name(dst)
     tmp.mkdir()  # the umask's ordinary permissions, unlike mkdtemp's private ones
     try:
         yield tmp
@@ -34,7 +34,7 @@ def atomic_file(dst: str | os.PathLike, mode: str = "w") -> Iterator:
     """An open file that replaces `dst` atomically when the block succeeds."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _partial_name(dst)
+    tmp = partial_name(dst)
     # Created as open() creates files (0o666 less the umask), unlike mkstemp's private ones.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
@@ -49,6 +49,6 @@ def atomic_file(dst: str | os.PathLike, mode: str = "w") -> Iterator:
         raise
 
 
-def _partial_name(dst: Path) -> Path:
+def partial_name(dst: Path) -> Path:
     """A fresh name beside `dst` (same filesystem, so the final rename is atomic)."""
     return dst.parent / f".{dst.name}.{secrets.token_hex(8)}.partial"

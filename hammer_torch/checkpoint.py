@@ -47,13 +47,22 @@ def save_pretrained(model: Llama, dst: str | os.PathLike, *, tokenizer: Any = No
     """The twin's state dict as an HF directory, written by convert's one writer (atomic, refuses
     an existing dst); a tied head is left out, as HF leaves it out. dtype: "float32"/"bfloat16"."""
     import convert
+
+    return convert.save_hf(dst, model.config, hf_tensors(model), tokenizer=tokenizer, dtype=dtype,
+                           generation_config=generation_config)
+
+
+def hf_tensors(model: Llama, snapshot: bool = False) -> dict[str, np.ndarray]:
+    """The twin's weights with HF names as host arrays, a tied head left out as HF leaves it out.
+    Without `snapshot` they share a CPU model's memory; with it they are a copy that a training
+    step going on meanwhile cannot change."""
     from convert.hf import torch_to_numpy
 
-    state = {name: torch_to_numpy(t) for name, t in model.state_dict().items()}
+    state = model.state_dict()
     if model.config.tie_word_embeddings:
         del state["lm_head.weight"]
-    return convert.save_hf(dst, model.config, state, tokenizer=tokenizer, dtype=dtype,
-                           generation_config=generation_config)
+    return {name: torch_to_numpy(t.detach().to("cpu", copy=True) if snapshot else t)
+            for name, t in state.items()}
 
 
 def to_torch(x: np.ndarray) -> torch.Tensor:

@@ -79,7 +79,9 @@ def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, step_fn
            previous: TrainConfig | None) -> Path:
     rank, world = dist.get_rank(), dist.get_world_size()
     checkpoints = run_dir / CHECKPOINTS_DIR
-    resumed = train_checkpoint.restore(checkpoints, model_config, model, step_fn.optimizer)
+    checkpointer = train_checkpoint.Checkpointer(checkpoints, model_config, model, step_fn.optimizer,
+                                                 keep=config.keep_checkpoints, tokenizer=tokenizer)
+    resumed = checkpointer.restore()
     start = resumed.step if resumed else 0
     loader = Loader(mixture, config.batch_size, seed=config.seed, step=start,
                     process_index=rank, process_count=world)
@@ -91,9 +93,10 @@ def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, step_fn
                                   config.peak_flops))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    trainer = TorchTrainer(config, step_fn, device, checkpoints, model, tokenizer)
-    train_loop(config, trainer, loader, start=start, run_dir=run_dir, meter=meter,
-               validation=validation, previous=previous)
+    trainer = TorchTrainer(config, step_fn, device, checkpointer)
+    with checkpointer:  # the last save finishes writing before train returns
+        train_loop(config, trainer, loader, start=start, run_dir=run_dir, meter=meter,
+                   validation=validation, previous=previous)
     return run_dir
 
 
@@ -104,9 +107,9 @@ class TorchTrainer:
     compile_time = None  # torch.compile compiles in the first steps, inside their time
 
     def __init__(self, config: TrainConfig, step_fn: train_step.TrainStep, device: torch.device,
-                 checkpoints: Path, model: Llama, tokenizer):
+                 checkpointer: train_checkpoint.Checkpointer):
         self.config, self.step_fn, self.device = config, step_fn, device
-        self.checkpoints, self.model, self.tokenizer = checkpoints, model, tokenizer
+        self.checkpointer = checkpointer
         self.primary, self.processes = dist.get_rank() == 0, dist.get_world_size()
         self.profiler = None
 
@@ -145,9 +148,7 @@ class TorchTrainer:
         return total.item(), count
 
     def save(self, step: int, loader_state: dict) -> None:
-        train_checkpoint.save(self.checkpoints, train_checkpoint.TrainerState(step, loader_state),
-                              self.model, self.step_fn.optimizer, self.config.keep_checkpoints,
-                              self.tokenizer)
+        self.checkpointer.save(train_checkpoint.TrainerState(step, loader_state))
 
     def agree(self, flag: bool) -> bool:
         if self.processes == 1:

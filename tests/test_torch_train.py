@@ -1,13 +1,16 @@
 """The torch trainer: it trains as transformers would, DDP averages gradients through the loss
 module, ZeRO-1 partitions the optimizer state, several processes train as one, a killed run resumes
-exactly, an unreadable checkpoint falls back to the previous one."""
+exactly, an unreadable checkpoint falls back to the previous one; each rank saves its own shard in
+the background, any number of ranks resumes it, and the ranks resume one step or none."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -182,33 +185,104 @@ def test_ddp_averages_the_gradients_of_the_loss_module_and_zero1_splits_the_opti
         assert out.startswith("ok")
 
 
+def run_torchrun(config, *overrides: str, ranks: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               "-m", "hammer", "train", "--config", str(config), *overrides]
+    return subprocess.run(command, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
+
+
+def resumed_from(stderr: str) -> int:
+    """The step a run says it resumed from."""
+    return int(re.search(r"resuming .* from step (\d+)", stderr).group(1))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(uninterrupted, tmp_path_factory):
+    """The uninterrupted run's config trained by 2 torchrun processes."""
+    config, _ = uninterrupted
+    run = tmp_path_factory.mktemp("two_ranks") / "run"
+    result = run_torchrun(config, f"output={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
 @pytest.mark.slow
 def test_two_processes_under_torchrun_give_the_losses_of_one_with_the_same_global_batch(
-        inputs, uninterrupted, tmp_path):
-    config, single = uninterrupted
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "hammer", "train", "--config", str(config), f"output={tmp_path / 'run'}"]
-    result = subprocess.run(command, cwd=REPO, env=train_env(), capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    one, two = train_losses(single), train_losses(tmp_path / "run")
+        uninterrupted, two_ranks):
+    """Also: each rank wrote the AdamW state of the parameters ZeRO-1 gave it, and no rank all of it."""
+    import convert
+    from torch.distributed.checkpoint import FileSystemReader
+
+    _, single = uninterrupted
+    one, two = train_losses(single), train_losses(two_ranks)
     assert one.keys() == two.keys() == set(range(1, 7))
     for step in one:
         assert abs(two[step] - one[step]) <= 1e-5 * abs(one[step]), step
     # Evaluation splits each validation batch across the ranks and sums back: the same numbers.
-    evals = [[r for r in read_metrics(run) if r["kind"] == "eval"] for run in (single, tmp_path / "run")]
+    evals = [[r for r in read_metrics(run) if r["kind"] == "eval"] for run in (single, two_ranks)]
     assert [r["step"] for r in evals[0]] == [r["step"] for r in evals[1]] == [3, 6]
     for a, b in zip(*([e["domains"]["valid"] for e in run_evals] for run_evals in evals)):
         assert a["tokens"] == b["tokens"] == 2 * 8 * 31  # eval_batches=2 of 8 blocks, 31 targets each
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"]
+
+    step = two_ranks / "checkpoints" / "step_6"
+    written: dict[str, set[str]] = {}
+    for index, stored in FileSystemReader(step / "optimizer").read_metadata().storage_data.items():
+        if name := re.fullmatch(r"optimizer\.state\.(.+)\.exp_avg", index.fqn):
+            written.setdefault(stored.relative_path, set()).add(name.group(1))
+    assert sorted(written) == ["__0_0.distcp", "__1_0.distcp"]
+    assert written["__0_0.distcp"].isdisjoint(written["__1_0.distcp"])
+    assert written["__0_0.distcp"] | written["__1_0.distcp"] == set(convert.read_checkpoint(step)[1])
+
+
+@pytest.mark.slow
+def test_a_run_resumes_on_another_number_of_ranks_to_the_same_losses(uninterrupted, two_ranks, tmp_path):
+    """2 ranks save and 1 resumes; 1 saves and 2 resume: each from step 2 of 6, every loss then
+    within 1e-5 of the uninterrupted run's (AdamW's moments lost would move step 3's update)."""
+    config, single = uninterrupted
+    expected = train_losses(single)
+    for name, source, command in (("to_one", two_ranks, run_train), ("to_two", single, run_torchrun)):
+        run = tmp_path / name
+        shutil.copytree(source, run)
+        for step in (4, 6):
+            shutil.rmtree(run / "checkpoints" / f"step_{step}")
+        result = command(config, f"output={run}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert resumed_from(result.stderr) == 2, name
+        losses = train_losses(run)
+        assert losses.keys() == expected.keys(), name
+        for step, loss in expected.items():
+            assert abs(losses[step] - loss) <= 1e-5 * abs(loss), (name, step)
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_read_the_checkpoint_rank_0_chose_stops_every_rank(uninterrupted, two_ranks,
+                                                                              tmp_path):
+    """Rank 1's shard of step 4 torn (a shared filesystem that shows it one rank late), step 6 gone:
+    rank 0 reads step 4 and chooses it, and both ranks stop with the same error naming rank 1
+    instead of rank 1 training on alone from step 2; nothing is trained or rewritten."""
+    config, _ = uninterrupted
+    run = tmp_path / "run"
+    shutil.copytree(two_ranks, run)
+    shutil.rmtree(run / "checkpoints" / "step_6")
+    (run / "checkpoints" / "step_4" / "optimizer" / "__1_0.distcp").write_bytes(b"torn")
+    metrics = (run / "metrics.jsonl").read_text()
+    result = run_torchrun(config, f"output={run}")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("hammer train: error:")]
+    assert len(errors) == 2 and errors[0] == errors[1], result.stderr[-3000:]
+    assert re.search(r"reading \S*step_4, the checkpoint rank 0 chose, failed: rank 1 \([^;]*\); "
+                     r"every rank stops", errors[0]), errors[0]
+    assert (run / "metrics.jsonl").read_text() == metrics
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2", "step_4"]
 
 
 @pytest.mark.slow
 def test_sigterm_saves_and_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_losses(
         inputs, uninterrupted, tmp_path):
     """SIGTERM mid-run: exit 0 with a checkpoint of the step it stopped at. The same command then
-    resumes; SIGKILL after its next checkpoint; the same command again: every loss of the run equals
-    the uninterrupted run's, bitwise."""
+    resumes; SIGKILL after its next checkpoint; the same command again resumes from that one (below
+    the run's last step): every loss of the run equals the uninterrupted run's, bitwise."""
     config, reference = uninterrupted
     run = tmp_path / "run"
     checkpoints = run / "checkpoints"
@@ -226,8 +300,9 @@ def test_sigterm_saves_and_a_run_killed_after_a_checkpoint_resumes_to_the_uninte
     proc.wait()
     result = run_train(config, f"output={run}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming" in result.stderr
+    assert stopped < resumed_from(result.stderr) < 6
     assert train_losses(run) == train_losses(reference)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_2", "step_4", "step_6"]  # no temporaries
 
 
 def _wait_for(proc, condition, timeout: float = 300) -> None:
@@ -253,9 +328,71 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_with_a_warni
         train(cut)
     assert train_losses(run) == train_losses(reference)  # steps 5 and 6 trained again, identically
     for step in (2, 4, 6):
-        (run / "checkpoints" / f"step_{step}" / "optimizer.pt").write_bytes(b"torn")
+        (run / "checkpoints" / f"step_{step}" / "optimizer" / ".metadata").write_bytes(b"torn")
     with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no checkpoint .* is readable"):
         train(cut)
+
+
+def test_a_checkpoint_is_a_model_directory_beside_the_optimizer_shards_and_nothing_else(uninterrupted):
+    """Each step_<N> holds what HF reads, the trainer's state and DCP's optimizer directory (one
+    shard per rank); no RNG state, no temporaries; the run directory reads as its newest step."""
+    import convert
+
+    _, run = uninterrupted
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_2", "step_4", "step_6"]
+    step = checkpoints / "step_6"
+    assert sorted(p.name for p in step.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "optimizer", "trainer.json"]
+    assert sorted(p.name for p in (step / "optimizer").iterdir()) == [".metadata", "__0_0.distcp"]
+    _, newest = convert.read_checkpoint(run)
+    _, saved = convert.read_checkpoint(step)
+    assert newest.keys() == saved.keys() and all(np.array_equal(newest[k], saved[k]) for k in saved)
+
+
+def test_a_save_is_a_snapshot_written_while_training_goes_on_and_restores_exactly(inputs, tmp_path):
+    """`save` returns once weights and AdamW's moments are copied: changing them in place right
+    after leaves the checkpoint as it was, and a fresh model and optimizer restore those values
+    exactly."""
+    from hammer.config import ModelConfig
+    from hammer_torch import train_step
+    from hammer_torch.model import Llama
+    from hammer_torch.train_checkpoint import Checkpointer, TrainerState
+
+    config = from_dict(train_settings(inputs, tmp_path / "run", backend="torch", validation={}))
+    model_config = ModelConfig.from_hf(inputs.model)
+    rows = torch.randint(3, 259, (config.batch_size, 33))
+
+    def built():
+        torch.manual_seed(0)
+        step = train_step.build(config, Llama(model_config), torch.device("cpu"))
+        return step, Checkpointer(tmp_path / "checkpoints", model_config, step.model, step.optimizer,
+                                  keep=2)
+
+    with train_step.process_group():
+        step, checkpointer = built()
+        for _ in range(3):
+            step(rows, 1e-3)
+        weights = {n: p.detach().clone() for n, p in step.model.named_parameters()}
+        moments = {n: step.optimizer.optim.state[p]["exp_avg"].clone()
+                   for n, p in step.model.named_parameters()}
+        with checkpointer:
+            slow_disk = threading.Event()  # rank 0's writer busy: the weights are written after the changes
+            checkpointer.writer.submit(slow_disk.wait)
+            checkpointer.save(TrainerState(3, {"seed": 1, "step": 3}))
+            with torch.no_grad():
+                for p in step.model.parameters():
+                    p.add_(1.0)
+                    step.optimizer.optim.state[p]["exp_avg"].add_(1.0)
+            step(rows, 1e-3)
+            slow_disk.set()
+
+        again, restorer = built()
+        with restorer:
+            assert restorer.restore() == TrainerState(3, {"seed": 1, "step": 3})
+        for name, p in again.model.named_parameters():
+            assert torch.equal(p, weights[name]), name
+            assert torch.equal(again.optimizer.optim.state[p]["exp_avg"], moments[name]), name
 
 
 def test_tensor_parallel_mesh_is_refused_naming_the_key(inputs, tmp_path):
