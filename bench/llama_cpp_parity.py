@@ -1,0 +1,207 @@
+"""llama.cpp runs hammer's GGUF as hammer and transformers run the model: the same token ids for
+every text, the same float32 logits.
+
+For each tokenizer (HammerLLM's released one and Llama-2's, which adds a dummy `▁` prefix, from
+../shared/hammerllm when present, and one trained here with the demo's options on the demo corpus) a
+random float32 Llama of its vocabulary (GQA, rope_theta 500000) is saved as an HF directory and
+converted with `hammer convert --to gguf`; llama.cpp, through llama-cpp-python, loads the file and
+- tokenizes a few hundred strings of the demo's three domains (random slices of their documents) and a
+  list of edge cases (leading and repeated spaces, tabs and newlines, digits, emoji, NUL, the
+  tokenizer's user-defined pieces, `<s>` as text), with and without BOS, against hammer's
+  `Tokenizer.encode`;
+- computes the logits of prompts of each domain (hammer's ids, BOS first) against transformers'
+  `LlamaForCausalLM` reading the same HF directory: float32 (bound: 1e-4 max-abs), and for scale the
+  float16 and q8_0 files (no bound).
+Writes JSON and prints a table. llama-cpp-python compiles llama.cpp when it installs (about half an
+hour on 2 cores), which is why this is a benchmark and not a test:
+
+    CMAKE_ARGS="-DLLAVA_BUILD=OFF" pip install llama-cpp-python
+    python bench/llama_cpp_parity.py [--strings 300] [--out bench/results/llama_cpp_parity.json]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import convert  # noqa: E402
+from hammer.cli import main as hammer  # noqa: E402
+from hammer.config import ModelConfig  # noqa: E402
+from hammer.data.demo import READERS  # noqa: E402
+from hammer.fsio import atomic_file  # noqa: E402
+from hammer.tokenizer import Tokenizer  # noqa: E402
+from hammer.tokenizer.train import TrainConfig, train  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "hammerllm"
+BOUND = 1e-4
+EDGE_CASES = [
+    "", " ", "  ", "\n", "\n\n\n", "\t", " leading space", "trailing space ", "two  spaces   three",
+    "\t\tdef f(x):\n    return x**2  # 平方\n", "line1\r\nline2", "12345678901234567890 3.14159 -0.5e-3",
+    "你好 world", "你好，世界。", "Ａ全角１２，。！？「」", "😀𠀀 ☃ ᚠᛇᚻ ǅ ﬁ é é", "a\u0000b",
+    "▁already ▁marked", "<s> and </s> and <unk> as text", "<p>hi</p><LF><tab>x<SEP>y <br/>", "<!---->---",
+    "so on.  (Thus\n      (an example", "```python\nprint('x')\n```", "    indented\n        more",
+]
+
+
+def demo_strings(per_domain: int, seed: int) -> dict[str, list[str]]:
+    """`per_domain` random slices (1 to 400 characters) of the demo corpus's documents per domain."""
+    rng = random.Random(seed)
+    out = {}
+    for domain, read in READERS.items():
+        documents = [text for _, text in read() if text.strip()]
+        strings = []
+        while len(strings) < per_domain:
+            text = rng.choice(documents)
+            start = rng.randrange(len(text))
+            strings.append(text[start:start + rng.choice([1, 2, 5, 20, 80, 200, 400])])
+        out[domain] = strings
+    return out
+
+
+def trained_tokenizer(directory: Path) -> Path:
+    """A tokenizer trained as `hammer demo` trains its own (8192 pieces), on about a megabyte of the
+    demo corpus per domain."""
+    sentences = []
+    for read in READERS.values():
+        size = 0
+        for _, text in read():
+            lines = [line for line in text.splitlines() if line.strip()]
+            sentences += lines
+            size += sum(len(line.encode()) for line in lines)
+            if size > 2**20:
+                break
+    Tokenizer(train(sentences, TrainConfig(vocab_size=8192))).save_pretrained(directory)
+    return directory
+
+
+def random_model(tokenizer: Tokenizer, directory: Path, seed: int = 0) -> ModelConfig:
+    """An HF directory of a random float32 Llama for the tokenizer; weights N(0, 1/fan_in) so that
+    logits are of order one, norms 1 +- 0.2 so that a misplaced scale would show."""
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=128, intermediate_size=352,
+                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+                         max_position_embeddings=512, rope_theta=500000.0, rms_norm_eps=1e-5)
+    rng = np.random.default_rng(seed)
+    tensors = {t.hf: (1 + 0.2 * rng.standard_normal(t.hf_shape) if t.hf.endswith("norm.weight")
+                      else rng.standard_normal(t.hf_shape) / np.sqrt(t.hf_shape[-1])).astype(np.float32)
+               for t in convert.tensors(config)}
+    convert.save_hf(directory, config, tensors, tokenizer=tokenizer)
+    return config
+
+
+def tokenization(llm, tokenizer: Tokenizer, strings: dict[str, list[str]]) -> dict:
+    """Per domain: how many strings llama.cpp encodes to hammer's ids (with BOS and without) and how
+    many of those ids it decodes to hammer's text, with the first mismatches."""
+    result, mismatches = {}, []
+    for domain, texts in strings.items():
+        same = same_plain = decoded = 0
+        for text in texts:
+            expected = tokenizer.encode(text)
+            got = llm.tokenize(text.encode(), add_bos=True, special=False)
+            plain = llm.tokenize(text.encode(), add_bos=False, special=False)
+            same += got == expected
+            same_plain += plain == tokenizer.encode(text, add_special_tokens=False)
+            decoded += llm.detokenize(expected) == tokenizer.decode(expected).encode()
+            if got != expected and len(mismatches) < 5:
+                mismatches.append({"domain": domain, "text": text, "hammer": expected, "llama.cpp": got})
+        result[domain] = {"strings": len(texts), "equal_ids": same, "equal_ids_without_bos": same_plain,
+                          "equal_decoding": decoded}
+    result["mismatches"] = mismatches
+    return result
+
+
+def logits_against_transformers(llm, hf_dir: Path, prompts: list[list[int]]) -> float:
+    """Max-abs difference of llama.cpp's logits from transformers' over every position of every prompt."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    worst = 0.0
+    for ids in prompts:
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0].numpy()
+        llm.reset()
+        llm.eval(ids)
+        got = np.asarray(llm.scores[:len(ids)], dtype=np.float32)
+        worst = max(worst, float(np.abs(got - expected).max()))
+    return worst
+
+
+def run_tokenizer(name: str, tokenizer_dir: Path, strings: dict[str, list[str]], work: Path) -> dict:
+    from llama_cpp import Llama
+
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+    hf_dir = work / name / "hf"
+    config = random_model(tokenizer, hf_dir)
+    user_defined = [p.piece for p in tokenizer.proto.pieces if p.type == p.USER_DEFINED]
+    cases = {**strings, "edge": EDGE_CASES + user_defined[:64] + [" ".join(user_defined[:64])]}
+    prompts = [tokenizer.encode(text)[:128] for domain in strings for text in strings[domain][:4]
+               if len(tokenizer.encode(text)) > 8]
+    row = {"tokenizer": name, "vocab_size": tokenizer.vocab_size, "add_dummy_prefix": tokenizer.add_dummy_prefix,
+           "model": {"hidden_size": config.hidden_size, "num_layers": config.num_layers,
+                     "num_heads": config.num_heads, "num_kv_heads": config.num_kv_heads},
+           "logits_max_abs_vs_transformers": {}, "prompt_tokens": sum(map(len, prompts))}
+    for dtype in ("float32", "float16", "q8_0"):
+        gguf_file = work / name / f"model-{dtype}.gguf"
+        assert hammer(["convert", str(hf_dir), str(gguf_file), "--to", "gguf", "--dtype", dtype]) == 0
+        llm = Llama(model_path=str(gguf_file), n_ctx=512, n_batch=512, logits_all=True, n_threads=2,
+                    verbose=False)
+        if dtype == "float32":
+            started = time.perf_counter()
+            row["tokenization"] = tokenization(llm, tokenizer, cases)
+            row["tokenization_seconds"] = round(time.perf_counter() - started, 2)
+        row["logits_max_abs_vs_transformers"][dtype] = logits_against_transformers(llm, hf_dir, prompts)
+        del llm
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--strings", type=int, default=300, help="demo-corpus strings in all (a third per domain)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "llama_cpp_parity.json")
+    args = parser.parse_args()
+    strings = demo_strings(args.strings // 3, args.seed)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        tokenizers = {"trained (demo options, 8192)": trained_tokenizer(work / "trained-tokenizer")}
+        if SHARED.is_dir():
+            tokenizers = {"HammerLLM": SHARED / "tokenizer",
+                          "Llama-2 (dummy prefix)": SHARED / "reference-tokenizers" / "llama2-7b", **tokenizers}
+        for i, (name, directory) in enumerate(tokenizers.items()):
+            rows.append(run_tokenizer(name, directory, strings, work / f"t{i}"))
+    result = {"bound_float32_logits": BOUND, "rows": rows,
+              "passed": all(r["logits_max_abs_vs_transformers"]["float32"] <= BOUND
+                            and all(v["equal_ids"] == v["strings"] == v["equal_ids_without_bos"]
+                                    for k, v in r["tokenization"].items() if k != "mismatches")
+                            for r in rows),
+              "versions": {p: importlib.metadata.version(p)
+                           for p in ("llama-cpp-python", "gguf", "transformers", "torch", "sentencepiece")},
+              "python": platform.python_version(), "machine": platform.machine()}
+    with atomic_file(args.out) as f:
+        f.write(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    print(f"{'tokenizer':32} {'strings':>8} {'equal ids':>10} {'no BOS':>8} {'decoded':>8} "
+          f"{'f32 logits':>11} {'f16':>9} {'q8_0':>9}")
+    for r in rows:
+        t = [v for k, v in r["tokenization"].items() if k != "mismatches"]
+        n, same, plain, back = (sum(v[k] for v in t) for k in ("strings", "equal_ids", "equal_ids_without_bos",
+                                                               "equal_decoding"))
+        logits = r["logits_max_abs_vs_transformers"]
+        print(f"{r['tokenizer']:32} {n:>8} {same:>10} {plain:>8} {back:>8} {logits['float32']:>11.2e} "
+              f"{logits['float16']:>9.2e} {logits['q8_0']:>9.2e}")
+    print(f"passed: {result['passed']} (bound {BOUND} on float32 logits, every string's ids equal); wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
