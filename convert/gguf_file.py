@@ -71,8 +71,10 @@ def gguf_vocab(tokenizer, vocab_size: int) -> tuple[list[bytes], list[float], li
     kinds = type(tokenizer.proto).SentencePiece.Type
     pieces = [p.piece.encode() for p in tokenizer.proto.pieces]
     scores = [p.score for p in tokenizer.proto.pieces]
-    # SentencePiece's piece types and llama.cpp's token types share their names (NORMAL, BYTE, ...).
-    types = [int(gguf.TokenType[kinds.Name(p.type)]) for p in tokenizer.proto.pieces]
+    # SentencePiece's piece types and llama.cpp's token types share their names (NORMAL, BYTE, ...);
+    # a piece SentencePiece never emits (a `\0` piece under byte fallback) is unused, whatever its type.
+    types = [int(gguf.TokenType.UNUSED if tokenizer.sp.is_unused(i) else gguf.TokenType[kinds.Name(p.type)])
+             for i, p in enumerate(tokenizer.proto.pieces)]
     for i in range(len(pieces), vocab_size):
         pieces.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)

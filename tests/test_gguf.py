@@ -177,13 +177,17 @@ def test_metadata_and_vocabulary_are_the_models_and_tokenizers(source, tmp_path)
 
 def test_hammerllm_and_llama2_vocabularies_keep_every_piece_type_and_the_dummy_prefix(hammerllm_dir):
     for name, types, dummy_prefix in [
-            ("tokenizer", {"NORMAL": 105288, "BYTE": 256, "USER_DEFINED": 242, "CONTROL": 2, "UNKNOWN": 1}, False),
+            # HammerLLM's `\0` piece: NORMAL in the model, never emitted under byte fallback.
+            ("tokenizer", {"NORMAL": 105287, "UNUSED": 1, "BYTE": 256, "USER_DEFINED": 242, "CONTROL": 2,
+                           "UNKNOWN": 1}, False),
             ("reference-tokenizers/llama2-7b", {"NORMAL": 31741, "BYTE": 256, "CONTROL": 2, "UNKNOWN": 1}, True)]:
         tok = Tokenizer.from_pretrained(hammerllm_dir / name)
         pieces, scores, kinds = gguf_vocab(tok, tok.vocab_size)
         assert [p.decode() for p in pieces] == [tok.id_to_piece(i) for i in range(tok.vocab_size)]
         assert scores == [tok.sp.get_score(i) for i in range(tok.vocab_size)]
         assert {k.name: kinds.count(int(k)) for k in gguf.TokenType if int(k) in kinds} == types
+        assert [i for i, k in enumerate(kinds) if k == gguf.TokenType.UNUSED] == [
+            i for i in range(tok.vocab_size) if tok.sp.is_unused(i)]
         assert tok.add_dummy_prefix == dummy_prefix
 
 
