@@ -14,8 +14,8 @@ converted with `hammer convert --to gguf`; llama.cpp, through llama-cpp-python, 
   float16 file (no bound). q8_0 files are not run: on this machine's CPU (AMX) llama.cpp repacks q8_0
   weights for AMX and its first decode segfaults, at every model size tried (llama-cpp-python 0.3.36
   built with GGML_NATIVE); tests/test_gguf.py checks q8_0 by dequantizing it with gguf's own code.
-Writes JSON and prints a table. llama-cpp-python compiles llama.cpp when it installs (about half an
-hour on 2 cores), which is why this is a benchmark and not a test:
+Writes JSON and prints a table. llama-cpp-python compiles llama.cpp when it installs (37 minutes on
+this 2-core box, shared), which is why this is a benchmark and not a test:
 
     CMAKE_ARGS="-DLLAVA_BUILD=OFF" pip install llama-cpp-python
     python bench/llama_cpp_parity.py [--strings 300] [--out bench/results/llama_cpp_parity.json]
@@ -51,7 +51,8 @@ EDGE_CASES = [
     "", " ", "  ", "\n", "\n\n\n", "\t", " leading space", "trailing space ", "two  spaces   three",
     "\t\tdef f(x):\n    return x**2  # 平方\n", "line1\r\nline2", "12345678901234567890 3.14159 -0.5e-3",
     "你好 world", "你好，世界。", "Ａ全角１２，。！？「」", "😀𠀀 ☃ ᚠᛇᚻ ǅ ﬁ é é", "a\u0000b",
-    "▁already ▁marked", "<s> and </s> and <unk> as text", "x<s>y</s>z", "<p><s>struck</s></p>", "<p>hi</p><LF><tab>x<SEP>y <br/>", "<!---->---",
+    "▁already ▁marked", "<s> and </s> and <unk> as text", "x<s>y</s>z", "<p><s>struck</s></p>",
+    "<p>hi</p><LF><tab>x<SEP>y <br/>", "<!---->---",
     "so on.  (Thus\n      (an example", "```python\nprint('x')\n```", "    indented\n        more",
 ]
 
@@ -150,7 +151,8 @@ def run_tokenizer(name: str, tokenizer_dir: Path, strings: dict[str, list[str]],
     hf_dir = work / name / "hf"
     config = random_model(tokenizer, hf_dir)
     user_defined = [p.piece for p in tokenizer.proto.pieces if p.type == p.USER_DEFINED]
-    cases = {**strings, "edge": EDGE_CASES + user_defined[:64] + [" ".join(user_defined[:64])]}
+    together = [" ".join(user_defined[:64])] if user_defined else []
+    cases = {**strings, "edge": EDGE_CASES + user_defined[:64] + together}
     prompts = [tokenizer.encode(text)[:128] for domain in strings for text in strings[domain][:4]
                if len(tokenizer.encode(text)) > 8]
     row = {"tokenizer": name, "vocab_size": tokenizer.vocab_size, "add_dummy_prefix": tokenizer.add_dummy_prefix,
