@@ -50,7 +50,8 @@ BOUND = 1e-4
 EDGE_CASES = [
     "", " ", "  ", "\n", "\n\n\n", "\t", " leading space", "trailing space ", "two  spaces   three",
     "\t\tdef f(x):\n    return x**2  # 平方\n", "line1\r\nline2", "12345678901234567890 3.14159 -0.5e-3",
-    "你好 world", "你好，世界。", "Ａ全角１２，。！？「」", "😀𠀀 ☃ ᚠᛇᚻ ǅ ﬁ é é", "a\u0000b",
+    "你好 world", "你好，世界。", "Ａ全角１２，。！？「」", "😀𠀀 ☃ ᚠᛇᚻ ǅ ﬁ é é",
+    "a\u0000b",
     "▁already ▁marked", "<s> and </s> and <unk> as text", "x<s>y</s>z", "<p><s>struck</s></p>",
     "<p>hi</p><LF><tab>x<SEP>y <br/>", "<!---->---",
     "so on.  (Thus\n      (an example", "```python\nprint('x')\n```", "    indented\n        more",

@@ -27,12 +27,12 @@ TARGETS = {"hf": save_hf, "jax": write_jax, "torch": save_hf, "gguf": save_gguf}
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("convert", help="convert checkpoints between HF, JAX and torch formats",
+    p = subparsers.add_parser("convert", help="convert checkpoints between HF, JAX and torch, or to GGUF",
                               description=__doc__.splitlines()[0], **examples(
                                   "hammer convert path/to/hf-llama runs/jax --to jax",
                                   "hammer convert runs/jax runs/hf --to hf --dtype bfloat16 --tokenizer path/to/tokenizer",
                                   "hammer convert runs/jax runs/torch --to torch",
-                                  "hammer convert runs/1.4b runs/1.4b-q8_0.gguf --to gguf --dtype q8_0   # llama.cpp"))
+                                  "hammer convert runs/1.4b runs/1.4b-q8_0.gguf --to gguf --dtype q8_0"))
     p.add_argument("src", type=Path, help="an HF model directory or a hammer JAX directory")
     p.add_argument("dst", type=Path, help="output directory, or file for --to gguf (must not exist)")
     p.add_argument("--to", required=True, choices=sorted(TARGETS), help="output format")
