@@ -33,7 +33,7 @@ or transforms), which every function here takes as arrays: a conversion streams 
                                                              package): q/k rows in its RoPE order,
                                                              f32/f16/bf16/q8_0
 
-Every writer fills a temporary directory renamed into place at the end (hammer.fsio), so a
+Every writer fills a temporary directory (GGUF: file) renamed into place at the end (hammer.fsio), so a
 failure leaves no DST. Bad input raises ConvertError (a ValueError) naming the tensor or field.
 """
 from pathlib import Path
@@ -83,5 +83,6 @@ def read_jax_params(path, scan_layers: bool = False) -> tuple:
 __all__ = ["TABLE", "VOCAB_MULTIPLE", "ConvertError", "LazyTensor", "TokenizerFiles", "check_hf",
            "fit_vocab", "hf_to_jax", "padded_vocab_size",
            "is_hf_dir", "is_jax_dir", "jax_as_hf", "jax_to_hf", "layer_layout", "load_hf", "load_jax",
-           "locate_jax", "model_dir", "open_checkpoint", "open_hf", "read_checkpoint", "read_generation_config",
-           "read_jax_params", "run_vocab_rows", "save_gguf", "save_hf", "save_jax", "strip_wrapper_prefixes", "tensors"]
+           "locate_jax", "model_dir", "open_checkpoint", "open_hf", "read_checkpoint",
+           "read_generation_config", "read_jax_params", "run_vocab_rows", "save_gguf", "save_hf", "save_jax",
+           "strip_wrapper_prefixes", "tensors"]
