@@ -50,6 +50,17 @@ def test_add_prefix_space_is_the_sentencepiece_models_add_dummy_prefix(exported)
     assert config["add_prefix_space"] is model.normalizer_spec.add_dummy_prefix
 
 
+def test_added_tokens_give_llama_cpp_the_control_and_user_defined_pieces(exported):
+    """The converter types pieces by tokenizer.model's Is* checks, which know no user-defined
+    pieces, then by added_tokens_decoder (special: control, else user-defined)."""
+    tokenizer, hf = exported
+    config = json.loads((hf / "tokenizer_config.json").read_text())
+    kinds = sentencepiece_model_pb2.ModelProto.SentencePiece
+    expected = {str(i): (p.piece, p.type == kinds.CONTROL) for i, p in enumerate(tokenizer.proto.pieces)
+                if p.type in (kinds.CONTROL, kinds.USER_DEFINED)}
+    assert {i: (t["content"], t["special"]) for i, t in config["added_tokens_decoder"].items()} == expected
+
+
 def test_llama_cpp_reads_the_special_tokens_without_a_warning(exported, caplog):
     tokenizer, hf = exported
     with caplog.at_level(logging.WARNING):

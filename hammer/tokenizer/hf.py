@@ -118,6 +118,13 @@ def hf_files(tok: "Tokenizer") -> dict[str, bytes]:
         "add_eos_token": special.add_eos_token,
         "clean_up_tokenization_spaces": False,
         **tokens,
+        # The control and user-defined pieces by id, as transformers writes its added tokens: llama.cpp's
+        # converter reads these types from here, not from tokenizer.model, and without them takes the
+        # user-defined pieces SentencePiece keeps whole (HammerLLM's ".", digits, "<p>") for ordinary
+        # ones. The unknown piece stays out: listed, the converter would make it a control piece.
+        "added_tokens_decoder": {str(i): {**_added_token(p.piece), "special": p.type == _PIECE.CONTROL}
+                                 for i, p in enumerate(tok.proto.pieces)
+                                 if p.type in (_PIECE.CONTROL, _PIECE.USER_DEFINED)},
     }
     special_map = {k: _added_token(v) for k, v in tokens.items() if v}
     return {
