@@ -14,11 +14,14 @@ converted with `hammer convert --to gguf`; llama.cpp, through llama-cpp-python, 
   float16 file (no bound). q8_0 files are not run: on this machine's CPU (AMX) llama.cpp repacks q8_0
   weights for AMX and its first decode segfaults, at every model size tried (llama-cpp-python 0.3.36
   built with GGML_NATIVE); tests/test_gguf.py checks q8_0 by dequantizing it with gguf's own code.
-Writes JSON and prints a table. llama-cpp-python compiles llama.cpp when it installs (37 minutes on
-this 2-core box, shared), which is why this is a benchmark and not a test:
+With `--converter PYTHON .../convert_hf_to_gguf.py`, llama.cpp's own converter also turns hammer's HF
+export into a float32 GGUF (its warnings recorded), checked the same way: the HF export must say what
+the tokenizer does in the keys that converter reads. Writes JSON and prints a table. llama-cpp-python
+compiles llama.cpp when it installs (37 minutes on this 2-core box, shared), which is why this is a
+benchmark and not a test:
 
     CMAKE_ARGS="-DLLAVA_BUILD=OFF" pip install llama-cpp-python
-    python bench/llama_cpp_parity.py [--strings 300] [--out bench/results/llama_cpp_parity.json]
+    python bench/llama_cpp_parity.py [--strings 300] [--converter PYTHON llama.cpp/convert_hf_to_gguf.py]
 """
 from __future__ import annotations
 
@@ -27,9 +30,9 @@ import importlib.metadata
 import json
 import platform
 import random
+import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -144,12 +147,27 @@ def logits_against_transformers(llm, hf_dir: Path, prompts: list[list[int]]) -> 
     return worst
 
 
-def run_tokenizer(name: str, tokenizer_dir: Path, strings: dict[str, list[str]], work: Path) -> dict:
+def load(gguf_file: Path):
     import llama_cpp
-    from llama_cpp import Llama
 
+    # A float32 KV cache and no flash attention: llama.cpp's defaults keep K and V in float16.
+    return llama_cpp.Llama(model_path=str(gguf_file), n_ctx=512, n_batch=512, logits_all=True, n_threads=2,
+                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False,
+                           verbose=False)
+
+
+def llama_cpp_converter(converter: list[str], hf_dir: Path, gguf_file: Path) -> list[str]:
+    """llama.cpp's own `convert_hf_to_gguf.py` on hammer's HF export, in float32; its warnings."""
+    done = subprocess.run([*converter, str(hf_dir), "--outfile", str(gguf_file), "--outtype", "f32"],
+                          capture_output=True, text=True, check=True)
+    # Its loggers' own lines (hf-to-gguf, gguf.*), not absl's notice from SentencePiece.
+    return [line for line in done.stderr.splitlines() if line.startswith(("WARNING:hf-to-gguf", "WARNING:gguf"))]
+
+
+def run_tokenizer(name: str, tokenizer_dir: Path, strings: dict[str, list[str]], work: Path,
+                  converter: list[str] | None) -> dict:
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
-    hf_dir = work / name / "hf"
+    hf_dir = work / "hf"
     config = random_model(tokenizer, hf_dir)
     user_defined = [p.piece for p in tokenizer.proto.pieces if p.type == p.USER_DEFINED]
     together = [" ".join(user_defined[:64])] if user_defined else []
@@ -159,19 +177,22 @@ def run_tokenizer(name: str, tokenizer_dir: Path, strings: dict[str, list[str]],
     row = {"tokenizer": name, "vocab_size": tokenizer.vocab_size, "add_dummy_prefix": tokenizer.add_dummy_prefix,
            "model": {"hidden_size": config.hidden_size, "num_layers": config.num_layers,
                      "num_heads": config.num_heads, "num_kv_heads": config.num_kv_heads},
-           "logits_max_abs_vs_transformers": {}, "prompt_tokens": sum(map(len, prompts))}
+           "prompt_tokens": sum(map(len, prompts)), "logits_max_abs_vs_transformers": {}}
     for dtype in ("float32", "float16"):
-        gguf_file = work / name / f"model-{dtype}.gguf"
+        gguf_file = work / f"model-{dtype}.gguf"
         assert hammer(["convert", str(hf_dir), str(gguf_file), "--to", "gguf", "--dtype", dtype]) == 0
-        # A float32 KV cache and no flash attention: llama.cpp's defaults keep K and V in float16.
-        llm = Llama(model_path=str(gguf_file), n_ctx=512, n_batch=512, logits_all=True, n_threads=2,
-                    type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False,
-                    verbose=False)
+        llm = load(gguf_file)
         if dtype == "float32":
-            started = time.perf_counter()
             row["tokenization"] = tokenization(llm, tokenizer, cases)
-            row["tokenization_seconds"] = round(time.perf_counter() - started, 2)
         row["logits_max_abs_vs_transformers"][dtype] = logits_against_transformers(llm, hf_dir, prompts)
+        del llm
+    if converter:
+        gguf_file = work / "converter-float32.gguf"
+        warnings = llama_cpp_converter(converter, hf_dir, gguf_file)
+        llm = load(gguf_file)
+        row["convert_hf_to_gguf"] = {"warnings": warnings, "tokenization": tokenization(llm, tokenizer, cases),
+                                     "logits_max_abs_vs_transformers": {
+                                         "float32": logits_against_transformers(llm, hf_dir, prompts)}}
         del llm
     return row
 
@@ -181,6 +202,9 @@ def main() -> None:
     parser.add_argument("--strings", type=int, default=300, help="demo-corpus strings in all (a third per domain)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "llama_cpp_parity.json")
+    parser.add_argument("--converter", nargs="+", metavar="ARG",
+                        help="also run llama.cpp's own converter on the HF export, e.g. `--converter "
+                             "python llama.cpp/convert_hf_to_gguf.py` (with the transformers it pins)")
     args = parser.parse_args()
     strings = demo_strings(args.strings // 3, args.seed)
     rows = []
@@ -191,29 +215,39 @@ def main() -> None:
             tokenizers = {"HammerLLM": SHARED / "tokenizer",
                           "Llama-2 (dummy prefix)": SHARED / "reference-tokenizers" / "llama2-7b", **tokenizers}
         for i, (name, directory) in enumerate(tokenizers.items()):
-            rows.append(run_tokenizer(name, directory, strings, work / f"t{i}"))
+            rows.append(run_tokenizer(name, directory, strings, work / f"t{i}", args.converter))
+    files = [(r["tokenizer"], r) for r in rows]
+    files += [(f"{r['tokenizer']}, convert_hf_to_gguf.py", r["convert_hf_to_gguf"])
+              for r in rows if "convert_hf_to_gguf" in r]
     result = {"bound_float32_logits": BOUND, "rows": rows,
               # The edge cases are reported, not required: see EDGE_NOTE.
               "passed": all(r["logits_max_abs_vs_transformers"]["float32"] <= BOUND
                             and all(r["tokenization"][d]["equal_ids"] == r["tokenization"][d]["strings"]
                                     == r["tokenization"][d]["equal_ids_without_bos"] for d in strings)
-                            for r in rows),
+                            for _, r in files),
               "edge_cases_note": EDGE_NOTE,
               "versions": {p: importlib.metadata.version(p)
                            for p in ("llama-cpp-python", "gguf", "transformers", "torch", "sentencepiece")},
               "python": platform.python_version(), "machine": platform.machine()}
+    if args.converter:
+        result["converter"] = {"command": [Path(a).name for a in args.converter], "transformers": subprocess.run(
+            [args.converter[0], "-c", "import transformers; print(transformers.__version__)"],
+            capture_output=True, text=True, check=True).stdout.strip()}
     with atomic_file(args.out) as f:
         f.write(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    print(f"{'tokenizer':30} {'demo strings: equal ids':>24} {'edge cases: equal ids':>22} "
+    print(f"{'GGUF file of':52} {'demo strings: equal ids':>24} {'edge cases: equal ids':>22} "
           f"{'f32 logits':>11} {'f16 logits':>11}")
-    for r in rows:
+    for name, r in files:
         t = r["tokenization"]
         demo = f"{sum(t[d]['equal_ids'] for d in strings)} / {sum(t[d]['strings'] for d in strings)}"
         edge = f"{t['edge']['equal_ids']} / {t['edge']['strings']}"
         logits = r["logits_max_abs_vs_transformers"]
-        print(f"{r['tokenizer']:30} {demo:>24} {edge:>22} {logits['float32']:>11.2e} {logits['float16']:>11.2e}")
+        f16 = f"{logits['float16']:.2e}" if "float16" in logits else "-"
+        print(f"{name:52} {demo:>24} {edge:>22} {logits['float32']:>11.2e} {f16:>11}")
         for m in t["mismatches"]:
             print(f"  differs: {m['text']!r}: hammer {m['hammer'][:8]}, llama.cpp {m['llama.cpp'][:8]}")
+        for w in r.get("warnings", []):
+            print(f"  converter: {w}")
     print(f"passed: {result['passed']} (float32 logits within {BOUND} of transformers, every demo string's ids "
           f"equal with and without BOS); wrote {args.out}")
 
