@@ -26,14 +26,23 @@ or transforms), which every function here takes as arrays: a conversion streams 
     read_checkpoint(path) -> (ModelConfig, {hf_name: array}) either format, detected
     open_checkpoint(path) -> (ModelConfig, {hf_name: LazyTensor})   either format, detected
     read_jax_params(path, scan_layers=False) -> (ModelConfig, params)   either format, detected
+    model_dir(path) -> Path                                  where a checkpoint's config.json and
+                                                             tokenizer lie (a run's own directory
+                                                             for JAX, its newest step for torch)
+    save_gguf(dst, config, tensors, tokenizer, dtype=None)  one GGUF file for llama.cpp (the `gguf`
+                                                             package): q/k rows in its RoPE order,
+                                                             f32/f16/bf16/q8_0
 
-Every writer fills a temporary directory renamed into place at the end (hammer.fsio), so a
+Every writer fills a temporary directory (GGUF: file) renamed into place at the end (hammer.fsio), so a
 failure leaves no DST. Bad input raises ConvertError (a ValueError) naming the tensor or field.
 """
+from pathlib import Path
+
 import numpy as np
 
-from convert.hf import (TokenizerFiles, is_hf_dir, load_hf, open_hf, read_generation_config, save_hf,
-                        strip_wrapper_prefixes)
+from convert.gguf_file import save_gguf
+from convert.hf import (TokenizerFiles, is_hf_dir, load_hf, newest_torch_checkpoint, open_hf,
+                        read_generation_config, save_hf, strip_wrapper_prefixes)
 from convert.jax_checkpoint import is_jax_dir, load_jax, locate_jax, run_vocab_rows, save_jax
 from convert.lazy import LazyTensor
 from convert.mapping import (TABLE, VOCAB_MULTIPLE, ConvertError, check_hf, fit_vocab, hf_to_jax,
@@ -55,6 +64,12 @@ def open_checkpoint(path) -> tuple:
     return open_hf(path)
 
 
+def model_dir(path) -> Path:
+    """The directory of a checkpoint's config.json, where the trainers also write the tokenizer: a
+    JAX run (or one of its steps) keeps them in the run directory, a torch run in every step."""
+    return locate_jax(path)[0] if is_jax_dir(path) else newest_torch_checkpoint(Path(path))
+
+
 def read_jax_params(path, scan_layers: bool = False) -> tuple:
     """(config, hammer_jax params) from an HF or a hammer JAX directory. A JAX directory's tree
     is already hammer_jax's layout: only its layers are (un)stacked, no detour through HF names."""
@@ -68,5 +83,6 @@ def read_jax_params(path, scan_layers: bool = False) -> tuple:
 __all__ = ["TABLE", "VOCAB_MULTIPLE", "ConvertError", "LazyTensor", "TokenizerFiles", "check_hf",
            "fit_vocab", "hf_to_jax", "padded_vocab_size",
            "is_hf_dir", "is_jax_dir", "jax_as_hf", "jax_to_hf", "layer_layout", "load_hf", "load_jax",
-           "locate_jax", "open_checkpoint", "open_hf", "read_checkpoint", "read_generation_config",
-           "read_jax_params", "run_vocab_rows", "save_hf", "save_jax", "strip_wrapper_prefixes", "tensors"]
+           "locate_jax", "model_dir", "open_checkpoint", "open_hf", "read_checkpoint",
+           "read_generation_config", "read_jax_params", "run_vocab_rows", "save_gguf", "save_hf", "save_jax",
+           "strip_wrapper_prefixes", "tensors"]

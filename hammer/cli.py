@@ -18,7 +18,7 @@ import sys
 from hammer.errors import HammerError
 
 COMMANDS = {
-    "convert": ("hammer.commands.convert", "convert checkpoints between HF, JAX and torch formats"),
+    "convert": ("hammer.commands.convert", "convert checkpoints between HF, JAX and torch, or to GGUF"),
     "tokenizer": ("hammer.commands.tokenizer", "train, merge and judge SentencePiece tokenizers"),
     "data": ("hammer.commands.data", "prepare token shards and the demo corpus"),
     "train": ("hammer.commands.train", "pretrain a model on prepared token shards"),

@@ -169,9 +169,9 @@ class ModelConfig:
             "hidden_act": "silu",
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps,
-            # Both spellings: transformers 5 reads rope_parameters, 4 reads rope_theta.
+            # transformers 4's spelling, which 5 reads too (into rope_parameters). A rope_parameters
+            # entry here would reach llama.cpp's converter (transformers 4) as an unknown RoPE type.
             "rope_theta": self.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
             "rope_scaling": None,
             "attention_bias": False,
             "mlp_bias": False,

@@ -49,6 +49,26 @@ def atomic_file(dst: str | os.PathLike, mode: str = "w") -> Iterator:
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(dst: str | os.PathLike) -> Iterator[Path]:
+    """A fresh path beside `dst`, for a writer that opens its file itself, that becomes `dst` only if
+    the block succeeds. An existing `dst` is refused rather than replaced."""
+    dst = Path(dst)
+    if dst.exists():
+        raise FileExistsError(f"output {dst} already exists; choose a new path or remove it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_name(dst)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.rename(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def partial_name(dst: Path) -> Path:
     """A fresh name beside `dst` (same filesystem, so the final rename is atomic)."""
     return dst.parent / f".{dst.name}.{secrets.token_hex(8)}.partial"

@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from hammer.fsio import atomic_directory, atomic_file
+from hammer.fsio import atomic_directory, atomic_file, atomic_path
 
 
 def test_atomic_directory_appears_only_on_success_with_ordinary_permissions(tmp_path):
@@ -44,6 +44,23 @@ def test_atomic_file_replaces_only_on_success(tmp_path):
         f.write("new")
     assert dst.read_text() == "new"
     assert stat.S_IMODE(dst.stat().st_mode) == 0o666 & ~_umask()
+
+
+def test_atomic_path_appears_only_on_success_and_never_replaces_a_file(tmp_path):
+    dst = tmp_path / "sub" / "model.gguf"
+    with pytest.raises(OSError):
+        with atomic_path(dst) as tmp:
+            tmp.write_bytes(b"half")  # a writer that opens the path itself
+            raise OSError(28, "No space left on device")
+    assert os.listdir(tmp_path / "sub") == []
+    with atomic_path(dst) as tmp:
+        tmp.write_bytes(b"whole")
+        assert not dst.exists()
+    assert dst.read_bytes() == b"whole"
+    with pytest.raises(FileExistsError, match="already exists"):
+        with atomic_path(dst):
+            pass
+    assert dst.read_bytes() == b"whole" and os.listdir(tmp_path / "sub") == ["model.gguf"]
 
 
 def test_atomic_outputs_create_missing_parent_directories(tmp_path):

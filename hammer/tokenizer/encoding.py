@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from hammer.tokenizer import hf
 from hammer.errors import HammerError
@@ -161,6 +162,18 @@ class Tokenizer:
     def decode(self, ids) -> str:
         """The text of `ids`; control ids (BOS, EOS, pad) decode to nothing."""
         return self._sp.decode([int(i) for i in ids])
+
+    @property
+    def add_dummy_prefix(self) -> bool:
+        """Whether SentencePiece puts a `▁` before every text (Llama-2's model does, HammerLLM's not)."""
+        return self.proto.normalizer_spec.add_dummy_prefix
+
+    @cached_property
+    def proto(self) -> sentencepiece_model_pb2.ModelProto:
+        """The parsed model: its pieces with their types and scores, its normalizer and trainer specs."""
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self.model_proto)
+        return proto
 
     @cached_property
     def piece_bytes(self) -> np.ndarray:

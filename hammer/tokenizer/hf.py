@@ -76,13 +76,12 @@ def tokenizer_json(tok: "Tokenizer") -> str:
     from tokenizers import Tokenizer as BackendTokenizer
     from tokenizers.models import BPE
 
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(tok.model_proto)
+    proto = tok.proto
     vocab, merges = bpe_vocab_and_merges(tok, proto)
     unk = proto.pieces[tok.unk_id].piece if tok.unk_id is not None else None
     backend = BackendTokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
                                    byte_fallback=proto.trainer_spec.byte_fallback))
-    dummy_prefix = proto.normalizer_spec.add_dummy_prefix
+    dummy_prefix = tok.add_dummy_prefix
     backend.normalizer = normalizers.Sequence(
         ([normalizers.Prepend("▁")] if dummy_prefix else []) + [normalizers.Replace(" ", "▁")])
     backend.decoder = decoders.Sequence(
@@ -96,9 +95,11 @@ def tokenizer_json(tok: "Tokenizer") -> str:
     suffix = [tok.special.eos_token] if tok.special.add_eos_token else []
     ids = {t: i for t, i in ((tok.special.bos_token, tok.bos_id), (tok.special.eos_token, tok.eos_id))
            if t is not None and i is not None}
+    # A pair is one sequence: BOS only at its start. transformers' own Llama pair template puts a second
+    # BOS between the texts, which llama.cpp's converter reads as an unknown separator and warns about.
     backend.post_processor = processors.TemplateProcessing(
         single=" ".join(prefix + ["$A"] + suffix),
-        pair=" ".join(prefix + ["$A"] + suffix + prefix + ["$B"] + suffix),
+        pair=" ".join(prefix + ["$A"] + suffix + ["$B:1"] + suffix),
         special_tokens=[(t, ids[t]) for t in dict.fromkeys(prefix + suffix)])
     return backend.to_str(pretty=True)
 
@@ -110,10 +111,20 @@ def hf_files(tok: "Tokenizer") -> dict[str, bytes]:
     config = {
         # The generic class loads tokenizer.json as written; LlamaTokenizer (5.x) would rebuild it.
         "tokenizer_class": "PreTrainedTokenizerFast",
+        # What the model's normalizer does, for readers that do not run tokenizer.json: llama.cpp's
+        # converter reads this key, and without it adds SentencePiece's default `▁` before every text.
+        "add_prefix_space": tok.add_dummy_prefix,
         "add_bos_token": special.add_bos_token,
         "add_eos_token": special.add_eos_token,
         "clean_up_tokenization_spaces": False,
         **tokens,
+        # The control and user-defined pieces by id, as transformers writes its added tokens: llama.cpp's
+        # converter reads these types from here, not from tokenizer.model, and without them takes the
+        # user-defined pieces SentencePiece keeps whole (HammerLLM's ".", digits, "<p>") for ordinary
+        # ones. The unknown piece stays out: listed, the converter would make it a control piece.
+        "added_tokens_decoder": {str(i): {**_added_token(p.piece), "special": p.type == _PIECE.CONTROL}
+                                 for i, p in enumerate(tok.proto.pieces)
+                                 if p.type in (_PIECE.CONTROL, _PIECE.USER_DEFINED)},
     }
     special_map = {k: _added_token(v) for k, v in tokens.items() if v}
     return {
