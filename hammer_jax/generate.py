@@ -22,8 +22,13 @@ class JaxStepper:
 
         # The cache is rewritten every step; donating it lets XLA update it in place.
         self.compiled_step = jax.jit(step, donate_argnums=(2,))
-        self._cache = model.init_cache(1, max_len)
-        self.max_len, self.length = max_len, 0
+        self._init_cache = lambda: model.init_cache(1, max_len)
+        self.max_len = max_len
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets every token seen: the next call is a new prompt, with no new compilation."""
+        self._cache, self.length = self._init_cache(), 0
 
     def __call__(self, ids: Sequence[int]) -> np.ndarray:
         # Checked here, outside jit: inside, the length is traced and an overflowing write clamps.
