@@ -7,6 +7,7 @@ files included); the model is a `hammer.lmeval.HammerLM`, so nothing is converte
 from __future__ import annotations
 
 import os
+import random
 from typing import Sequence
 
 from lm_eval import simple_evaluate
@@ -59,8 +60,13 @@ def downstream_metrics(scorer: ScoresGreedy, tokenizer, tasks: Sequence[str], *,
 
     `scorer` reads the live weights (`hammer_jax.scorer.JaxScorer` over the trainer's model,
     `hammer_torch.scorer.TorchScorer.from_twin` over its module); generation tasks also need
-    `new_stepper`. Standard errors are not bootstrapped and no global random generator is seeded.
+    `new_stepper`. Standard errors are not bootstrapped, and the global random generators are left as
+    they were (numpy's and torch's are not touched; lm-eval draws from Python's, restored after).
     """
     lm = HammerLM(scorer, tokenizer, new_stepper=new_stepper, batch_size=batch_size)
-    return flat_metrics(run_tasks(lm, tasks, limit=limit, include_path=include_path,
-                                  bootstrap_iters=0, seed_globals=False))
+    state = random.getstate()
+    try:
+        return flat_metrics(run_tasks(lm, tasks, limit=limit, include_path=include_path,
+                                      bootstrap_iters=0, seed_globals=False))
+    finally:
+        random.setstate(state)
