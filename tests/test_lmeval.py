@@ -92,19 +92,20 @@ def setup(tmp_path_factory):
         yield {"src": src, "hf_dir": root / "hf", "tasks": tasks, "hf": hf, "tokenizer": tok}
 
 
-def run(*, tasks, **kwargs):
+def run(*, tasks, names=TASKS, **kwargs):
     from lm_eval.tasks import TaskManager
 
-    return lm_eval.simple_evaluate(tasks=TASKS, task_manager=TaskManager(include_path=str(tasks)),
-                                   log_samples=True, batch_size=4, device="cpu", **kwargs)
+    manager = TaskManager(include_path=str(tasks), include_defaults=False)  # lm-eval's own 15000: 15 s
+    return lm_eval.simple_evaluate(tasks=list(names), task_manager=manager, log_samples=True, batch_size=4,
+                                   device="cpu", **kwargs)
 
 
 def responses(results, task):
     return [s["filtered_resps"] for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
 
 
-def assert_same_results(ours, theirs, rel):
-    for task in TASKS:
+def assert_same_results(ours, theirs, rel, tasks=TASKS):
+    for task in tasks:
         for (a, b) in zip(responses(ours, task), responses(theirs, task), strict=True):
             if task == "t_gen":
                 assert a == b
@@ -137,19 +138,20 @@ def test_hammer_model_on_torch_gives_lm_eval_hf_numbers_for_every_output_type(se
         [r[0] for r in responses(setup["hf"], "t_rolling")], rel=1e-6)
 
 
-def test_hammer_model_on_jax_gives_lm_eval_hf_numbers_for_every_output_type(setup):
+def test_hammer_model_on_jax_gives_lm_eval_hf_numbers(setup):
+    """Loglikelihood and rolling here; multiple choice and generation on JAX in the sharded test below."""
     import hammer.lmeval  # noqa: F401
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_DATASETS_OFFLINE", "1")
         ours = run(model="hammer", model_args={"pretrained": str(setup["src"]), "backend": "jax"},
-                   tasks=setup["tasks"])
-    assert_same_results(ours, setup["hf"], rel=1e-4)
+                   tasks=setup["tasks"], names=["t_ll", "t_rolling"])
+    assert_same_results(ours, setup["hf"], rel=1e-4, tasks=["t_ll", "t_rolling"])
     assert [r[0] for r in responses(ours, "t_rolling")] == pytest.approx(
         [r[0] for r in responses(setup["hf"], "t_rolling")], rel=1e-6)
 
 
-def test_hammer_eval_rolling_reports_lm_eval_perplexities(setup, tmp_path, capsys):
+def test_hammer_eval_rolling_reports_lm_eval_perplexities(setup, capsys):
     docs = setup["tasks"] / "docs.jsonl"
     capsys.readouterr()
     assert main(["eval", "--model", str(setup["src"]), "--backend", "torch", "--mode", "rolling", "--json",
@@ -201,7 +203,6 @@ def test_hammer_eval_tasks_runs_local_tasks_with_a_limit(setup, capsys):
     (["--tasks", "t_mc", "--backend", "hf"], "--backend hf runs --mode skywork only"),
     (["--data", "d=x.jsonl", "--mode", "rolling", "--max-tokens", "64"], "--max-tokens applies to --mode skywork"),
     (["--data", "d=x.jsonl", "--limit", "3"], "--limit applies to --tasks only"),
-    (["--tasks", "no_such_task", "--backend", "torch"], "unknown lm-eval task 'no_such_task'"),
 ])
 def test_hammer_eval_refuses_options_that_do_not_go_together(setup, argv, message, capsys):
     capsys.readouterr()
@@ -251,3 +252,59 @@ def test_python_m_hammer_lmeval_is_lm_eval_with_the_hammer_model(setup):
     acc_norm = setup["hf"]["results"]["t_mc"]["acc_norm,none"]
     cells = [c.strip() for c in next(line for line in out.stdout.splitlines() if "acc_norm" in line).split("|")]
     assert float(cells[cells.index("acc_norm") + 2]) == pytest.approx(acc_norm, abs=1e-4)
+
+
+SHARDED = """
+import json, os
+import jax, numpy as np
+from flax import nnx
+import hammer_jax
+from hammer.tasks import downstream_metrics
+from hammer.tokenizer import Tokenizer
+from hammer_jax.generate import JaxStepper
+from hammer_jax.scorer import JaxScorer
+from hammer_jax.sharding import make_mesh, model_shardings
+
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+model = hammer_jax.from_pretrained({src!r})
+ids = np.random.default_rng(0).integers(3, 401, (4, 40)).astype(np.int32)
+whole = JaxScorer(model).token_scores(ids)
+# What a trainer holds: a graphdef and a pure dict of parameters sharded over its mesh.
+mesh = make_mesh({{"data": 2, "fsdp": 2, "tensor": 2}})
+graphdef, state = nnx.split(model)
+params = jax.device_put(nnx.to_pure_dict(state), nnx.to_pure_dict(model_shardings(model, mesh)))
+live = nnx.merge(graphdef, params)
+nll, greedy = JaxScorer(live).token_scores(ids)
+metrics = downstream_metrics(JaxScorer(live), Tokenizer.from_pretrained({src!r}), {tasks!r},
+                             include_path={include!r}, new_stepper=lambda n: JaxStepper(live, n))
+print(json.dumps({{"devices": len(jax.tree.leaves(params)[0].sharding.device_set),
+                  "nll": float(np.abs(nll - whole[0]).max() / np.abs(whole[0]).max()),
+                  "greedy": bool((greedy == whole[1]).all()), "metrics": metrics}}))
+"""
+
+
+def test_downstream_metrics_score_jax_parameters_sharded_over_a_mesh(setup):
+    from tests.train_fixtures import run_json_script
+
+    out = run_json_script(SHARDED.format(src=str(setup["src"]), tasks=["t_rolling", "t_mc", "t_gen"],
+                                         include=str(setup["tasks"])), devices=8, timeout=600)
+    assert out["devices"] == 8
+    assert out["nll"] < 1e-5 and out["greedy"]
+    expected = {f"{t}/{k.split(',')[0]}": v for t in ("t_rolling", "t_mc", "t_gen")
+                for k, v in setup["hf"]["results"][t].items() if k.endswith(",none") and "_stderr" not in k}
+    assert out["metrics"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_continuation_is_greedy_exactly_when_each_token_is_the_argmax(setup):
+    from hammer.lmeval import HammerLM
+    from hammer.sampling import Sampler, generate
+
+    lm = HammerLM.from_pretrained(setup["src"], backend="torch")
+    stepper = lm.new_stepper(lm.max_length)
+    context = lm.tok_encode("The quick brown fox")
+    greedy = generate(stepper, context, max_new_tokens=5, sampler=Sampler(0.0), eos_id=None)
+    other = greedy[:-1] + [(greedy[-1] + 1) % lm.tokenizer.vocab_size]
+    (ll_greedy, is_greedy), (ll_other, is_other) = lm._loglikelihood_tokens(
+        [(None, context, greedy), (None, context, other)])
+    assert is_greedy and not is_other
+    assert ll_greedy > ll_other
