@@ -29,6 +29,7 @@ from hammer.sampling import Sampler, generate
 BACKENDS = ("jax", "torch")
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's hf model's, for tasks that set none
+MODEL_ARGS = {"pretrained", "backend", "dtype", "tokenizer", "batch_size", "add_bos_token"}
 
 
 
@@ -89,16 +90,24 @@ class HammerLM(TemplateLM):
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "HammerLM":
-        """`--model_args pretrained=DIR,backend=jax,dtype=float32,tokenizer=DIR,add_bos_token=False`."""
+        """`--model_args pretrained=DIR,backend=jax,dtype=float32,tokenizer=DIR,add_bos_token=False`.
+
+        Of lm-eval's own options only batch_size applies: JAX runs on its devices and torch on CUDA
+        when present, whatever --device says (lm_eval passes cuda:0 unless told).
+        """
         args = dict(arg_dict)
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
-        # lm-eval's --device (cuda:0 unless told) is not ours: JAX uses its devices, torch CUDA when present.
-        extra.pop("device", None)
-        extra.pop("max_batch_size", None)  # only for batch_size=auto, which hammer refuses
-        if "batch_size" in extra:
-            args.setdefault("batch_size", extra["batch_size"])
+        unknown = sorted(set(args) - MODEL_ARGS)
+        if unknown:
+            raise EvalError(f"model_args: unknown key {unknown[0]!r}, expected {', '.join(sorted(MODEL_ARGS))}")
         if "pretrained" not in args:
             raise EvalError("model_args: expected pretrained=DIR (a model directory hammer reads)")
+        batch_size = (additional_config or {}).get("batch_size")
+        if batch_size is not None:
+            args.setdefault("batch_size", batch_size)
+        if isinstance(args.get("batch_size"), str):  # lm_eval's --batch_size is a string ('8', 'auto')
+            if not args["batch_size"].isdigit():
+                raise EvalError(f"batch_size {args['batch_size']!r}: hammer takes a positive integer")
+            args["batch_size"] = int(args["batch_size"])
         return cls.from_pretrained(args.pop("pretrained"), **args)
 
     @property

@@ -198,15 +198,18 @@ def test_hammer_eval_tasks_runs_local_tasks_with_a_limit(setup, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--tasks", "t_mc", "--data", "d=x.jsonl"], "either --data"),
-    ([], "either --data"),
+    (["--tasks", "t_mc", "--data", "d=x.jsonl"], "argument --data: not allowed with argument --tasks"),
     (["--tasks", "t_mc", "--backend", "hf"], "--backend hf runs --mode skywork only"),
     (["--data", "d=x.jsonl", "--mode", "rolling", "--max-tokens", "64"], "--max-tokens applies to --mode skywork"),
     (["--data", "d=x.jsonl", "--limit", "3"], "--limit applies to --tasks only"),
 ])
 def test_hammer_eval_refuses_options_that_do_not_go_together(setup, argv, message, capsys):
     capsys.readouterr()
-    assert main(["eval", "--model", str(setup["src"]), *argv]) == 2
+    try:
+        code = main(["eval", "--model", str(setup["src"]), *argv])
+    except SystemExit as exit_:  # argparse's own refusals
+        code = exit_.code
+    assert code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
 
@@ -246,7 +249,7 @@ def test_python_m_hammer_lmeval_is_lm_eval_with_the_hammer_model(setup):
     out = subprocess.run(
         [sys.executable, "-m", "hammer.lmeval", "run", "--model", "hammer", "--model_args",
          f"pretrained={setup['src']},backend=torch", "--tasks", "t_mc", "--include_path", str(setup["tasks"]),
-         "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300,
+         "--batch_size", "2"], cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     acc_norm = setup["hf"]["results"]["t_mc"]["acc_norm,none"]
@@ -308,3 +311,20 @@ def test_a_continuation_is_greedy_exactly_when_each_token_is_the_argmax(setup):
         [(None, context, greedy), (None, context, other)])
     assert is_greedy and not is_other
     assert ll_greedy > ll_other
+
+
+@pytest.mark.parametrize("model_args, message", [
+    ("pretrained=DIR,backnd=jax", "model_args: unknown key 'backnd'"),
+    ("backend=jax", "model_args: expected pretrained=DIR"),
+    ("pretrained=DIR,backend=hf", "backend 'hf': expected one of jax, torch"),
+    ("pretrained=DIR,dtype=float16", "dtype 'float16': expected one of float32, bfloat16"),
+    ("pretrained=DIR,batch_size=0", "batch_size must be a positive integer, got 0"),
+])
+def test_bad_model_args_are_named(setup, model_args, message):
+    from hammer.errors import HammerError
+    from hammer.lmeval import HammerLM
+
+    with pytest.raises(HammerError, match=message):
+        HammerLM.create_from_arg_string(model_args.replace("DIR", str(setup["src"])), {"device": "cuda:0"})
+    with pytest.raises(HammerError, match="batch_size 'auto': hammer takes a positive integer"):
+        HammerLM.create_from_arg_string(f"pretrained={setup['src']}", {"batch_size": "auto"})

@@ -27,14 +27,15 @@ def register(subparsers) -> None:
                                   "hammer eval --model runs/jax --tasks my_task --include-path tasks/ --backend torch"))
     p.add_argument("--model", required=True, type=Path,
                    help="an HF model directory or a hammer JAX checkpoint directory")
-    p.add_argument("--data", nargs="+", action="extend", metavar="NAME=FILE",
-                   help="a domain: its name and a .jsonl (field 'text') or .txt (a document a line) file")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", nargs="+", action="extend", metavar="NAME=FILE",
+                      help="a domain: its name and a .jsonl (field 'text') or .txt (a document a line) file")
+    what.add_argument("--tasks", nargs="+", action="extend", metavar="TASK",
+                      help="lm-eval tasks to run instead (needs the lmeval extra)")
     p.add_argument("--mode", choices=MODES, default="skywork",
                    help="skywork: documents cut to max_tokens // 3 characters, tokens 2..n scored, no BOS "
                         "(HammerLLM's setting, the default); rolling: lm-eval's loglikelihood_rolling "
                         "(BOS, every token, windows of the model's context, bytes and words of the whole text)")
-    p.add_argument("--tasks", nargs="+", action="extend", metavar="TASK",
-                   help="lm-eval tasks to run instead of --data (needs the lmeval extra)")
     p.add_argument("--include-path", type=Path, help="a directory of lm-eval task YAMLs (with --tasks)")
     p.add_argument("--limit", type=int, help="at most this many documents per task (with --tasks)")
     p.add_argument("--backend", choices=BACKENDS, default="jax",
@@ -93,8 +94,6 @@ def load_scorer(backend: str, path: Path, dtype: str) -> harness.Scorer:
 
 def check_options(args: argparse.Namespace) -> None:
     """Refuses options that the chosen kind of evaluation would not read."""
-    if (args.data is None) == (args.tasks is None):
-        raise EvalError("give either --data NAME=FILE ... (perplexity) or --tasks TASK ... (lm-eval tasks)")
     lm_eval_run = args.tasks is not None or args.mode == "rolling"
     if lm_eval_run and args.backend == "hf":
         raise EvalError("--backend hf runs --mode skywork only; for lm-eval's numbers on an HF "
