@@ -43,8 +43,10 @@ class JaxScorer:
         sharding = jax.tree.leaves(state)[0].sharding
         if isinstance(sharding, NamedSharding):
             ids = jax.device_put(ids, NamedSharding(sharding.mesh, P()))
-        nll, greedy = _token_scores(graphdef, state, jnp.asarray(ids), self.logits_budget)
-        return tuple(np.asarray(x) for x in multihost_utils.process_allgather((nll, greedy), tiled=True))
+        out = _token_scores(graphdef, state, jnp.asarray(ids), self.logits_budget)
+        # A result spread over other processes' devices comes whole to each; a local one is whole already.
+        return tuple(np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
+                     for x in out)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

@@ -61,6 +61,18 @@ def write_tasks(directory):
     return directory
 
 
+def write_generation_task(directory, generations):
+    """t_gen_hf: t_gen's prompts with hf's generations as targets, so exact_match 1.0 says every
+    generated text is hf's."""
+    prompts = [json.loads(line) for line in (directory / "prompts.jsonl").read_text(encoding="utf-8").splitlines()]
+    data = directory / "generated.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p["prompt"], "answer": g}, ensure_ascii=False) + "\n"
+                            for p, g in zip(prompts, generations, strict=True)), encoding="utf-8")
+    gen = (directory / "gen.yaml").read_text(encoding="utf-8").split("\n", 1)[1]
+    (directory / "gen_hf.yaml").write_text("task: t_gen_hf\n" + gen.replace(
+        str(directory / "prompts.jsonl"), str(data)), encoding="utf-8")
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny model whose head never picks a byte-fallback piece, its HF export, the tasks, and
@@ -89,6 +101,7 @@ def setup(tmp_path_factory):
         mp.setenv("HF_HUB_OFFLINE", "1")
         hf = run(model="hf", model_args={"pretrained": str(root / "hf"), "add_bos_token": False,
                                          "dtype": "float32"}, tasks=tasks)
+        write_generation_task(tasks, [r[0] for r in responses(hf, "t_gen")])
         yield {"src": src, "hf_dir": root / "hf", "tasks": tasks, "hf": hf, "tokenizer": tok}
 
 
@@ -228,7 +241,7 @@ def test_downstream_metrics_score_a_live_twin_and_leave_the_global_generators_al
     before = (random.getstate(), np.random.get_state()[1].copy(), torch.random.get_rng_state().clone())
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_DATASETS_OFFLINE", "1")
-        metrics = downstream_metrics(TorchScorer.from_twin(model), setup["tokenizer"], TASKS,
+        metrics = downstream_metrics(TorchScorer.from_twin(model), setup["tokenizer"], TASKS + ["t_gen_hf"],
                                      include_path=setup["tasks"],
                                      new_stepper=lambda n: TorchStepper(model, n))
         assert random.getstate() == before[0]
@@ -236,6 +249,7 @@ def test_downstream_metrics_score_a_live_twin_and_leave_the_global_generators_al
         assert torch.equal(torch.random.get_rng_state(), before[2])
         expected = {f"{t}/{k.split(',')[0]}": v for t in TASKS for k, v in setup["hf"]["results"][t].items()
                     if k.endswith(",none") and "_stderr" not in k}
+        expected["t_gen_hf/exact_match"] = 1.0  # every generated text is hf's
         assert metrics == pytest.approx(expected, rel=1e-4)
         # The weights it scores are the live ones: a changed norm changes the metrics.
         with torch.no_grad():
@@ -258,8 +272,10 @@ def test_python_m_hammer_lmeval_is_lm_eval_with_the_hammer_model(setup):
 
 
 SHARDED = """
-import json, os
-import jax, numpy as np
+import json, os, sys
+import jax
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+import numpy as np
 from flax import nnx
 import hammer_jax
 from hammer.tasks import downstream_metrics
@@ -268,11 +284,10 @@ from hammer_jax.generate import JaxStepper
 from hammer_jax.scorer import JaxScorer
 from hammer_jax.sharding import make_mesh, model_shardings
 
-os.environ["HF_DATASETS_OFFLINE"] = "1"
 model = hammer_jax.from_pretrained({src!r})
 ids = np.random.default_rng(0).integers(3, 401, (4, 40)).astype(np.int32)
 whole = JaxScorer(model).token_scores(ids)
-# What a trainer holds: a graphdef and a pure dict of parameters sharded over its mesh.
+# What a trainer holds: a graphdef and a pure dict of parameters sharded over its mesh of both processes.
 mesh = make_mesh({{"data": 2, "fsdp": 2, "tensor": 2}})
 graphdef, state = nnx.split(model)
 params = jax.device_put(nnx.to_pure_dict(state), nnx.to_pure_dict(model_shardings(model, mesh)))
@@ -280,22 +295,40 @@ live = nnx.merge(graphdef, params)
 nll, greedy = JaxScorer(live).token_scores(ids)
 metrics = downstream_metrics(JaxScorer(live), Tokenizer.from_pretrained({src!r}), {tasks!r},
                              include_path={include!r}, new_stepper=lambda n: JaxStepper(live, n))
-print(json.dumps({{"devices": len(jax.tree.leaves(params)[0].sharding.device_set),
+leaf = jax.tree.leaves(params)[0]
+print(json.dumps({{"devices": len(leaf.sharding.device_set), "local": len(leaf.addressable_shards),
                   "nll": float(np.abs(nll - whole[0]).max() / np.abs(whole[0]).max()),
                   "greedy": bool((greedy == whole[1]).all()), "metrics": metrics}}))
 """
 
 
-def test_downstream_metrics_score_jax_parameters_sharded_over_a_mesh(setup):
-    from tests.train_fixtures import run_json_script
+def test_downstream_metrics_on_jax_parameters_sharded_over_two_processes(setup):
+    """Both processes of a run score and generate with parameters sharded over both (2 x 4 CPU
+    devices) and get lm-eval's hf numbers; t_gen_hf's targets are hf's own generations."""
+    import socket
 
-    out = run_json_script(SHARDED.format(src=str(setup["src"]), tasks=["t_rolling", "t_mc", "t_gen"],
-                                         include=str(setup["tasks"])), devices=8, timeout=600)
-    assert out["devices"] == 8
-    assert out["nll"] < 1e-5 and out["greedy"]
-    expected = {f"{t}/{k.split(',')[0]}": v for t in ("t_rolling", "t_mc", "t_gen")
+    from tests.train_fixtures import train_env
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        address = f"localhost:{sock.getsockname()[1]}"
+    tasks = ["t_rolling", "t_mc", "t_gen_hf"]
+    script = SHARDED.format(src=str(setup["src"]), tasks=tasks, include=str(setup["tasks"]))
+    env = {**train_env(4), "HF_DATASETS_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", script, address, str(i)], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    expected = {f"{t}/{k.split(',')[0]}": v for t in ("t_rolling", "t_mc")
                 for k, v in setup["hf"]["results"][t].items() if k.endswith(",none") and "_stderr" not in k}
-    assert out["metrics"] == pytest.approx(expected, rel=1e-4)
+    expected["t_gen_hf/exact_match"] = 1.0
+    for out in outs:
+        assert out["devices"] == 8 and out["local"] == 4
+        assert out["nll"] < 1e-5 and out["greedy"]
+        assert out["metrics"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_a_continuation_is_greedy_exactly_when_each_token_is_the_argmax(setup):
