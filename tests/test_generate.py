@@ -90,6 +90,9 @@ def test_generation_stops_at_eos_and_at_max_new_tokens():
     calls.clear()
     assert generate(step, [0], max_new_tokens=2, sampler=Sampler(0), eos_id=4) == [1, 2]
     assert len(calls) == 2
+    calls.clear()  # a stop condition (a stop string reached) ends it after the token that meets it
+    assert generate(step, [0], max_new_tokens=10, sampler=Sampler(0), eos_id=4, stop=lambda new: 2 in new) == [1, 2]
+    assert len(calls) == 2
 
 
 def test_streamed_text_never_shows_half_a_character_and_adds_up_to_the_decoded_text(tokenizer):
