@@ -175,7 +175,8 @@ class HammerLM(TemplateLM):
         if max_gen_toks >= self.max_length:
             raise EvalError(f"max_gen_toks {max_gen_toks} leaves no room for a prompt in the model's "
                             f"context of {self.max_length}")
-        prompt = self.tok_encode(context)[-(self.max_length - max_gen_toks):]
+        # An empty context starts from BOS, as a loglikelihood request's does.
+        prompt = self.tok_encode(context)[-(self.max_length - max_gen_toks):] or [self.prefix_token_id]
         sampler = (Sampler(kwargs.get("temperature", 1.0), kwargs.get("top_p", 1.0), kwargs.get("seed", 0))
                    if kwargs.get("do_sample") else Sampler(0.0))
         if self._stepper is None:

@@ -361,3 +361,17 @@ def test_bad_model_args_are_named(setup, model_args, message):
         HammerLM.create_from_arg_string(model_args.replace("DIR", str(setup["src"])), {"device": "cuda:0"})
     with pytest.raises(HammerError, match="batch_size 'auto': hammer takes a positive integer"):
         HammerLM.create_from_arg_string(f"pretrained={setup['src']}", {"batch_size": "auto"})
+
+
+def test_generation_from_an_empty_context_starts_at_bos(setup):
+    from lm_eval.api.instance import Instance
+
+    from hammer.lmeval import HammerLM
+    from hammer.sampling import Sampler, generate
+
+    lm = HammerLM.from_pretrained(setup["src"], backend="torch")
+    request = Instance(request_type="generate_until", doc={}, arguments=("", {"max_gen_toks": 6, "until": []}),
+                       idx=0)
+    ids = generate(lm.new_stepper(lm.max_length), [lm.tokenizer.bos_id], max_new_tokens=6, sampler=Sampler(0.0),
+                   eos_id=lm.tokenizer.eos_id)
+    assert lm.generate_until([request]) == [lm.tokenizer.decode(ids)]
