@@ -50,8 +50,10 @@ class Sampler:
 
 def generate(step: Callable[[Sequence[int]], np.ndarray], prompt_ids: Sequence[int], *,
              max_new_tokens: int, sampler: Sampler, eos_id: int | None,
-             on_token: Callable[[int], None] | None = None) -> list[int]:
-    """New token ids after `prompt_ids`, EOS included when it ends them.
+             on_token: Callable[[int], None] | None = None,
+             stop: Callable[[list[int]], bool] | None = None) -> list[int]:
+    """New token ids after `prompt_ids`, EOS included when it ends them; `stop(new)` true after a
+    token ends them there too (a stop string reached).
 
     `step(ids)` runs `ids` through the model after everything it has seen (the prompt in one call,
     then one token a call) and returns the logits of the last of them.
@@ -65,7 +67,7 @@ def generate(step: Callable[[Sequence[int]], np.ndarray], prompt_ids: Sequence[i
         new.append(token)
         if on_token is not None:
             on_token(token)
-        if token == eos_id or len(new) == max_new_tokens:
+        if token == eos_id or len(new) == max_new_tokens or (stop is not None and stop(new)):
             break
         logits = step([token])
     return new

@@ -12,9 +12,13 @@ class TorchStepper:
     """`step(ids) -> last logits` over a cache of `max_len` positions, for a batch of one."""
 
     def __init__(self, model: torch.nn.Module, max_len: int):
-        self.model = model.eval()
-        self.cache = model.init_cache(1, max_len)
+        self.model, self.max_len = model.eval(), max_len
+        self.reset()
         self.device = self.cache.keys[0].device
+
+    def reset(self) -> None:
+        """Forgets every token seen: the next call is a new prompt."""
+        self.cache = self.model.init_cache(1, self.max_len)
 
     @torch.inference_mode()
     def __call__(self, ids: Sequence[int]) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Per-token NLL of torch models for the eval harness (`hammer.eval.Scorer`): the twin, or any HF
-model directory through transformers.
+model directory through transformers; and whether each token is the model's greedy choice (lm-eval's
+`is_greedy`).
 
 The head is applied a slice of positions at a time, so a batch of HammerLLM's 105789-way float32
 logits (3.5 GB for 4 x 2048 positions) never exists at once.
@@ -50,16 +51,22 @@ class TorchScorer:
         return cls(features, model.get_output_embeddings(), vocab_size=config.vocab_size,
                    max_length=config.max_position_embeddings, device=device, logits_budget=logits_budget)
 
-    @torch.inference_mode()
     def token_nll(self, input_ids: np.ndarray) -> np.ndarray:
+        return self.token_scores(input_ids)[0]
+
+    @torch.inference_mode()
+    def token_scores(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`token_nll`'s float32 `[b, s-1]`, and bool `[b, s-1]`: ids[j+1] is the argmax after ids[:j+1]."""
         ids = torch.from_numpy(np.asarray(input_ids, np.int64)).to(self.device)
         b, s = ids.shape
         hidden = self._features(ids)[:, :-1]
         targets = ids[:, 1:]
         step = max(1, self.logits_budget // (b * self.vocab_size))
-        out = torch.empty(b, s - 1, dtype=torch.float32, device=self.device)
+        nll = torch.empty(b, s - 1, dtype=torch.float32, device=self.device)
+        greedy = torch.empty(b, s - 1, dtype=torch.bool, device=self.device)
         for i in range(0, s - 1, step):
             logits = self._head(hidden[:, i:i + step]).float()
-            out[:, i:i + step] = F.cross_entropy(
-                logits.flatten(0, 1), targets[:, i:i + step].flatten(), reduction="none").view(b, -1)
-        return out.cpu().numpy()
+            t = targets[:, i:i + step]
+            nll[:, i:i + step] = F.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="none").view(b, -1)
+            greedy[:, i:i + step] = logits.argmax(dim=-1) == t
+        return nll.cpu().numpy(), greedy.cpu().numpy()

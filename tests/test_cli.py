@@ -50,7 +50,7 @@ def test_help_exits_zero_and_prints_to_stdout(capsys):
     (["data", "info", "/nonexistent/data"], "hammer data: error: prepared dataset /nonexistent/data not found"),
     (["generate", "--model", "/nowhere", "--prompt", "hi", "--temperature", "-1"],
      "hammer generate: error: temperature must be >= 0 (0 is greedy), got -1.0"),
-    (["eval", "--model", "/nowhere"], "hammer eval: error: the following arguments are required: --data"),
+    (["eval", "--model", "/nowhere"], "hammer eval: error: one of the arguments --data --tasks is required"),
     (["tokenizer", "coverage"], "hammer tokenizer coverage: error: the following arguments are required: path"),
     (["nosuchcommand"], "hammer: error: argument COMMAND: invalid choice: 'nosuchcommand'"),
 ])

@@ -68,14 +68,14 @@ def test_hammer_eval_runs_on_every_backend_with_the_numbers_of_transformers(
 def test_jax_scorer_sees_the_models_current_weights_without_recompiling(tiny_model_dir):
     import jax.numpy as jnp
     import hammer_jax
-    from hammer_jax.scorer import JaxScorer, _token_nll
+    from hammer_jax.scorer import JaxScorer, _token_scores
 
     model = hammer_jax.from_pretrained(tiny_model_dir)
     scorer = JaxScorer(model)
     tokenizer = Tokenizer.from_pretrained(tiny_model_dir)
     before = harness.evaluate(scorer, tokenizer, {"d": TEXTS[:4]})["d"].nll
-    compiled = _token_nll._cache_size()
+    compiled = _token_scores._cache_size()
     model.norm.scale[...] = model.norm.scale[...] * 2.0  # what an optimizer step does to a Variable
     after = harness.evaluate(scorer, tokenizer, {"d": TEXTS[:4]})["d"].nll
     assert after != pytest.approx(before, rel=1e-3)
-    assert _token_nll._cache_size() == compiled
+    assert _token_scores._cache_size() == compiled

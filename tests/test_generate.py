@@ -90,6 +90,9 @@ def test_generation_stops_at_eos_and_at_max_new_tokens():
     calls.clear()
     assert generate(step, [0], max_new_tokens=2, sampler=Sampler(0), eos_id=4) == [1, 2]
     assert len(calls) == 2
+    calls.clear()  # a stop condition (a stop string reached) ends it after the token that meets it
+    assert generate(step, [0], max_new_tokens=10, sampler=Sampler(0), eos_id=4, stop=lambda new: 2 in new) == [1, 2]
+    assert len(calls) == 2
 
 
 def test_streamed_text_never_shows_half_a_character_and_adds_up_to_the_decoded_text(tokenizer):
@@ -124,12 +127,17 @@ def test_torch_greedy_generation_equals_transformers(tiny_model_dir, tokenizer, 
 def test_jax_greedy_generation_equals_transformers_with_one_compiled_decode_step(
         tiny_model_dir, tokenizer, hf_greedy):
     import hammer_jax
-    from hammer_jax.generate import JaxStepper
+    from hammer_jax.generate import JaxStepper, decode_step
 
     prompt = tokenizer.encode(PROMPT)
     step = JaxStepper(hammer_jax.from_pretrained(tiny_model_dir), len(prompt) + NEW_TOKENS)
+    decode_step.clear_cache()
     assert generate(step, prompt, max_new_tokens=NEW_TOKENS, sampler=Sampler(0), eos_id=2) == hf_greedy
-    assert step.compiled_step._cache_size() == 2  # the prefill shape and the one-token shape
+    assert decode_step._cache_size() == 2  # the prefill shape and the one-token shape
+    # Another stepper over the same structure (a trainer's next weights) compiles nothing new.
+    again = JaxStepper(hammer_jax.from_pretrained(tiny_model_dir), len(prompt) + NEW_TOKENS)
+    assert generate(again, prompt, max_new_tokens=NEW_TOKENS, sampler=Sampler(0), eos_id=2) == hf_greedy
+    assert decode_step._cache_size() == 2
 
 
 @pytest.mark.parametrize("backend", ["torch", "jax"])
