@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from hammer.config import ConfigError, ModelConfig
+from hammer.errors import HammerError
 from hammer.data.prepare import INDEX_FILE
 from hammer.fsio import atomic_file
 from hammer.train_config import TrainConfig, from_dict
@@ -56,7 +57,8 @@ FREE_KEYS = (
                                       # (tests/test_jax_train_mesh.py)
     "mesh", "distributed",  # where the run computes
     "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_batch_size",
-    "eval_batches", "tensorboard", "profile_steps",  # what is saved, logged and traced
+    "eval_batches", "eval_tasks", "eval_tasks_limit", "eval_tasks_path", "tensorboard",
+    "profile_steps",  # what is saved, logged, measured and traced
     "attention_impl", "scan_layers", "remat", "loss_chunk", "compile", "peak_flops",
     "compilation_cache",  # how a step is computed: the same loss, other speed and memory
 )
@@ -166,6 +168,8 @@ def check_inputs(config: TrainConfig, model: ModelConfig, mixture, validation: M
         if len(ds) < config.eval_batch_size:
             raise ConfigError(f"validation.{name}: {ds.path} has {len(ds)} blocks, fewer than "
                               f"eval_batch_size {config.eval_batch_size}")
+    if config.eval_tasks:
+        _check_tasks(config)
     if not config.tokenizer:
         return None
     from hammer.tokenizer import Tokenizer
@@ -175,6 +179,20 @@ def check_inputs(config: TrainConfig, model: ModelConfig, mixture, validation: M
         raise ConfigError(f"tokenizer {config.tokenizer} is not the one the data was prepared with "
                           f"({tokenizer.fingerprint} vs {fingerprint})")
     return tokenizer
+
+
+def _check_tasks(config: TrainConfig) -> None:
+    if not config.tokenizer:
+        raise ConfigError(f"eval_tasks = {list(config.eval_tasks)} needs tokenizer: lm-eval's "
+                          f"requests are text")
+    try:
+        from hammer.tasks import checked_tasks
+    except ImportError:
+        raise ConfigError("eval_tasks needs lm-evaluation-harness: pip install 'hammerllm[lmeval]'") from None
+    try:
+        checked_tasks(config.eval_tasks, config.eval_tasks_path or None)
+    except (HammerError, FileNotFoundError) as e:
+        raise ConfigError(f"eval_tasks: {e}") from None
 
 
 def check_init(init: str, theirs: ModelConfig, model: ModelConfig) -> None:

@@ -21,10 +21,20 @@ def run_tasks(lm: HammerLM, tasks: Sequence[str], *, limit: int | None = None,
               include_path: str | os.PathLike | None = None, log_samples: bool = False,
               bootstrap_iters: int = 100000, seed_globals: bool = True) -> dict:
     """lm-eval's own result dict (`results`, `configs`, ... and `samples` with log_samples)."""
-    if not tasks:
-        raise EvalError("no lm-eval tasks given")
     if limit is not None and limit < 1:
         raise EvalError(f"limit must be >= 1 (documents per task), got {limit}")
+    manager = checked_tasks(tasks, include_path)
+    # lm-eval seeds Python's, numpy's and torch's global generators unless told None: a training run
+    # keeps its own.
+    seeds = {} if seed_globals else dict(random_seed=None, numpy_random_seed=None, torch_random_seed=None)
+    return simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager,
+                           log_samples=log_samples, bootstrap_iters=bootstrap_iters, **seeds)
+
+
+def checked_tasks(tasks: Sequence[str], include_path: str | os.PathLike | None) -> TaskManager:
+    """The task index holding every one of `tasks`; an unknown task or directory is refused."""
+    if not tasks:
+        raise EvalError("no lm-eval tasks given")
     if include_path is not None and not os.path.isdir(include_path):
         raise FileNotFoundError(f"task directory {include_path} not found")
     manager = task_manager(tasks, include_path)
@@ -32,11 +42,7 @@ def run_tasks(lm: HammerLM, tasks: Sequence[str], *, limit: int | None = None,
     if unknown:
         raise EvalError(f"unknown lm-eval task {unknown[0]!r}: not among lm-eval's tasks"
                         + ("" if include_path else " (local task YAMLs need --include-path)"))
-    # lm-eval seeds Python's, numpy's and torch's global generators unless told None: a training run
-    # keeps its own.
-    seeds = {} if seed_globals else dict(random_seed=None, numpy_random_seed=None, torch_random_seed=None)
-    return simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager,
-                           log_samples=log_samples, bootstrap_iters=bootstrap_iters, **seeds)
+    return manager
 
 
 def task_manager(tasks: Sequence[str], include_path: str | os.PathLike | None) -> TaskManager:

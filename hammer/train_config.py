@@ -140,6 +140,11 @@ class TrainConfig:
     eval_every: int = 1000  # 0: never
     eval_batch_size: int = 8  # sequences per evaluation batch, all devices together
     eval_batches: int = 0  # batches per validation set and evaluation (0: the whole set)
+    # lm-eval tasks run on the live weights at every evaluation (needs `tokenizer` and the lmeval
+    # extra): their names, documents per task (0: all), a directory of local task YAMLs
+    eval_tasks: tuple[str, ...] = ()
+    eval_tasks_limit: int = 0
+    eval_tasks_path: str = ""
     tensorboard: bool = True
     # [first, last] steps traced by the backend's profiler into RUN_DIR/profile/ (process 0; JAX:
     # an XProf trace with a Perfetto copy, torch: a Chrome trace); () = none
@@ -184,6 +189,7 @@ class TrainConfig:
             ("eval_every", self.eval_every >= 0, ">= 0 (0: never)"),
             ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),
             ("eval_batches", self.eval_batches >= 0, ">= 0 (0: the whole set)"),
+            ("eval_tasks_limit", self.eval_tasks_limit >= 0, ">= 0 (0: every document)"),
             ("loss_chunk", self.loss_chunk >= 1, ">= 1"),
             ("peak_flops", self.peak_flops >= 0, ">= 0 (0: from the device table)"),
         ]

@@ -17,7 +17,7 @@ import itertools
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, ContextManager, Iterable, Iterator, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -56,6 +56,9 @@ class Trainer(Protocol):
 
     def peak_memory_gb(self) -> float | None: ...
 
+    def task_models(self) -> ContextManager[tuple[Any, Any]]:
+        """(scorer, stepper factory) over the live weights, for lm-eval (hammer.tasks)."""
+
     def start_profile(self, directory: Path) -> None:
         """Starts this process's profiler, its trace to go into `directory`."""
 
@@ -64,8 +67,10 @@ class Trainer(Protocol):
 
 
 def train_loop(config: TrainConfig, trainer: Trainer, loader: Loader, *, start: int, run_dir,
-               meter: TrainMeter, validation: dict, previous: TrainConfig | None) -> None:
-    """Trains steps start + 1 .. config.steps; `previous`: the config the run last ran with."""
+               meter: TrainMeter, validation: dict, previous: TrainConfig | None,
+               tokenizer=None) -> None:
+    """Trains steps start + 1 .. config.steps; `previous`: the config the run last ran with;
+    `tokenizer`: the run's, for `eval_tasks`."""
     lr_at = schedule.from_config(config)
     if start:
         if trainer.primary:
@@ -99,7 +104,8 @@ def train_loop(config: TrainConfig, trainer: Trainer, loader: Loader, *, start: 
             bar.update()
             log = done % config.log_every == 0 or done == config.steps
             save = done % config.checkpoint_every == 0 or done == config.steps
-            evaluate = bool(validation) and config.eval_every and done % config.eval_every == 0
+            evaluate = ((validation or config.eval_tasks) and config.eval_every
+                        and done % config.eval_every == 0)
             stop = trainer.agree(preempted()) if log or trainer.processes == 1 else False
             if not (log or save or evaluate or stop):
                 continue
@@ -122,6 +128,8 @@ def train_loop(config: TrainConfig, trainer: Trainer, loader: Loader, *, start: 
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             if evaluate:
                 record = evaluate_sets(trainer, validation, config, done)
+                if config.eval_tasks:
+                    record["tasks"] = task_metrics(trainer, tokenizer, config)
                 if metrics is not None:
                     metrics.write(record)
             if save or stop:
@@ -144,6 +152,16 @@ def evaluate_sets(trainer: Trainer, validation: dict, config: TrainConfig, step:
         tokens = count * config.eval_batch_size * (dataset.block_size - 1)
         domains[name] = {"loss": total / tokens, "ppl": perplexity(total / tokens), "tokens": tokens}
     return {"step": step, "kind": "eval", "domains": domains}
+
+
+def task_metrics(trainer: Trainer, tokenizer, config: TrainConfig) -> dict[str, float]:
+    """`eval_tasks` on the live weights, `{"TASK/METRIC": value}` (every process takes part)."""
+    from hammer.tasks import downstream_metrics
+
+    with trainer.task_models() as (scorer, new_stepper):
+        return downstream_metrics(scorer, tokenizer, config.eval_tasks,
+                                  limit=config.eval_tasks_limit or None,
+                                  include_path=config.eval_tasks_path or None, new_stepper=new_stepper)
 
 
 def _skip(loader: Loader, ranges) -> None:

@@ -124,7 +124,7 @@ def train(config: TrainConfig) -> Path:
         closing.callback(checkpoints.close)
         closing.callback(checkpoints.wait)  # a save already started is of a good step: let it finish
         train_loop(config, trainer, loader, start=start, run_dir=run_dir, meter=meter,
-                   validation=validation, previous=previous)
+                   validation=validation, previous=previous, tokenizer=tokenizer)
     return run_dir
 
 
@@ -137,6 +137,7 @@ class JaxTrainer:
         self.config, self.mesh, self.state = config, mesh, state
         self.checkpoints, self.to_device, self.meta = checkpoints, to_device, meta
         self.primary, self.processes = jax.process_index() == 0, jax.process_count()
+        self.graphdef = graphdef
         self.step_fn = make_train_step(graphdef, tx, shardings, mesh, grad_accum=config.grad_accum,
                                        loss_chunk=config.loss_chunk)
         self.eval_fn = make_eval_step(graphdef, shardings.params, mesh, loss_chunk=config.loss_chunk)
@@ -177,6 +178,14 @@ class JaxTrainer:
     def peak_memory_gb(self) -> float | None:
         stats = jax.local_devices()[0].memory_stats() or {}
         return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
+
+    @contextlib.contextmanager
+    def task_models(self):
+        from hammer_jax.generate import JaxStepper
+        from hammer_jax.scorer import JaxScorer
+
+        live = nnx.merge(self.graphdef, self.state.params)  # the sharded params, not a copy
+        yield JaxScorer(live), lambda n: JaxStepper(live, n)
 
     def start_profile(self, directory: Path) -> None:
         jax.profiler.start_trace(str(directory), create_perfetto_trace=True)

@@ -18,6 +18,7 @@ The step itself is `hammer_torch.train_step`; this module gives it, with evaluat
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,7 @@ def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, step_fn
     trainer = TorchTrainer(config, step_fn, device, checkpointer)
     with checkpointer:  # the last save finishes writing before train returns
         train_loop(config, trainer, loader, start=start, run_dir=run_dir, meter=meter,
-                   validation=validation, previous=previous)
+                   validation=validation, previous=previous, tokenizer=tokenizer)
     return run_dir
 
 
@@ -161,6 +162,17 @@ class TorchTrainer:
         if self.device.type != "cuda":
             return None
         return torch.cuda.max_memory_allocated(self.device) / 2**30
+
+    @contextlib.contextmanager
+    def task_models(self):
+        from hammer_torch.generate import TorchStepper
+        from hammer_torch.scorer import TorchScorer
+
+        model = self.step_fn.model  # the twin itself: no DDP collective, every rank scores alike
+        try:
+            yield TorchScorer.from_twin(model), lambda n: TorchStepper(model, n)
+        finally:
+            model.train()  # the stepper leaves it in eval mode
 
     def start_profile(self, directory: Path) -> None:
         activities = [torch.profiler.ProfilerActivity.CPU]
