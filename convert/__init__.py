@@ -19,6 +19,8 @@ or transforms), which every function here takes as arrays: a conversion streams 
     load_jax(path) -> (ModelConfig, params)                  orbax checkpoint + config.json, or a
                                                              JAX training run / checkpoint step
     locate_jax(path) -> (config dir, params dir)
+    model_dir(path) -> Path                                  where a model path's config.json and
+                                                             tokenizer lie (a run or any step)
     run_vocab_rows(run_dir) -> int | None                    the embedding rows a training run's
                                                              checkpoints hold
     save_jax(dst, config, params, tokenizer=None, dtype=None, generation_config=None)
@@ -30,10 +32,12 @@ or transforms), which every function here takes as arrays: a conversion streams 
 Every writer fills a temporary directory renamed into place at the end (hammer.fsio), so a
 failure leaves no DST. Bad input raises ConvertError (a ValueError) naming the tensor or field.
 """
+from pathlib import Path
+
 import numpy as np
 
-from convert.hf import (TokenizerFiles, is_hf_dir, load_hf, open_hf, read_generation_config, save_hf,
-                        strip_wrapper_prefixes)
+from convert.hf import (TokenizerFiles, is_hf_dir, load_hf, newest_torch_checkpoint, open_hf,
+                        read_generation_config, save_hf, strip_wrapper_prefixes)
 from convert.jax_checkpoint import is_jax_dir, load_jax, locate_jax, run_vocab_rows, save_jax
 from convert.lazy import LazyTensor
 from convert.mapping import (TABLE, VOCAB_MULTIPLE, ConvertError, check_hf, fit_vocab, hf_to_jax,
@@ -55,6 +59,15 @@ def open_checkpoint(path) -> tuple:
     return open_hf(path)
 
 
+def model_dir(path) -> Path:
+    """The directory holding config.json, the tokenizer and generation_config.json of the model at
+    `path`: a JAX training run's directory for the run or any of its steps (a step holds only
+    params), a torch run's newest step (each step is a whole HF directory), else `path`."""
+    if is_jax_dir(path):
+        return locate_jax(path)[0]
+    return newest_torch_checkpoint(Path(path))
+
+
 def read_jax_params(path, scan_layers: bool = False) -> tuple:
     """(config, hammer_jax params) from an HF or a hammer JAX directory. A JAX directory's tree
     is already hammer_jax's layout: only its layers are (un)stacked, no detour through HF names."""
@@ -68,5 +81,5 @@ def read_jax_params(path, scan_layers: bool = False) -> tuple:
 __all__ = ["TABLE", "VOCAB_MULTIPLE", "ConvertError", "LazyTensor", "TokenizerFiles", "check_hf",
            "fit_vocab", "hf_to_jax", "padded_vocab_size",
            "is_hf_dir", "is_jax_dir", "jax_as_hf", "jax_to_hf", "layer_layout", "load_hf", "load_jax",
-           "locate_jax", "open_checkpoint", "open_hf", "read_checkpoint", "read_generation_config",
+           "locate_jax", "model_dir", "open_checkpoint", "open_hf", "read_checkpoint", "read_generation_config",
            "read_jax_params", "run_vocab_rows", "save_hf", "save_jax", "strip_wrapper_prefixes", "tensors"]

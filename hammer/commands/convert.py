@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from convert import check_hf, hf_to_jax, open_checkpoint, save_hf, save_jax
+from convert import check_hf, hf_to_jax, model_dir, open_checkpoint, save_hf, save_jax
 from convert.hf import DTYPES, TokenizerFiles, cast, read_generation_config
-from hammer.commands import examples
+from hammer.commands import MODEL_PATH_HELP, examples
 
 
 def write_jax(dst, config, tensors, *, dtype=None, **options):
@@ -31,7 +31,7 @@ def register(subparsers) -> None:
                                   "hammer convert path/to/hf-llama runs/jax --to jax",
                                   "hammer convert runs/jax runs/hf --to hf --dtype bfloat16 --tokenizer path/to/tokenizer",
                                   "hammer convert runs/jax runs/torch --to torch"))
-    p.add_argument("src", type=Path, help="an HF model directory or a hammer JAX directory")
+    p.add_argument("src", type=Path, help=MODEL_PATH_HELP)
     p.add_argument("dst", type=Path, help="output directory (must not exist)")
     p.add_argument("--to", required=True, choices=sorted(TARGETS), help="output format")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights (default: keep)")
@@ -48,13 +48,14 @@ def run(args: argparse.Namespace) -> None:
     tensors = check_hf(tensors, config)
     # A SentencePiece tokenizer is rewritten by hammer, whose HF files make transformers encode as
     # the model was trained; released Llama-format files alone make transformers 5 encode otherwise.
-    tokenizer_dir = args.tokenizer or (args.src if (args.src / "tokenizer.model").is_file() else None)
+    files = model_dir(args.src)
+    tokenizer_dir = args.tokenizer or (files if (files / "tokenizer.model").is_file() else None)
     if tokenizer_dir is not None:
         from hammer.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     else:
-        tokenizer = TokenizerFiles(args.src) or None
+        tokenizer = TokenizerFiles(files) or None
     TARGETS[args.to](args.dst, config, tensors, tokenizer=tokenizer, dtype=args.dtype,
-                     generation_config=read_generation_config(args.src))
+                     generation_config=read_generation_config(files))
     print(f"wrote {args.to} checkpoint to {args.dst}")
