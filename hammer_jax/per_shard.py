@@ -2,8 +2,9 @@
 
 A Pallas kernel (splash) sees only the arrays it is given: traced under `jax.jit` on global
 arrays, it would run on the whole batch, which XLA then gathers to every device or fails to
-partition. cuDNN's fused attention partitions itself only for some layouts (q, k and v alike,
-never the heads of grouped queries apart from their K/V). So each runs inside `jax.shard_map`
+partition. cuDNN's fused attention partitions itself only when q, k and v share one sharding
+with neither the sequence nor head_dim split, which XLA's propagation does not promise (query
+heads split where their fewer K/V heads are not break it). So each runs inside `jax.shard_map`
 over the mesh in context (`jax.set_mesh`, or `jax.sharding.use_abstract_mesh` inside a traced
 function, as the train and eval steps do): the batch split over the data-parallel axes, heads
 over "tensor" when it divides the KV heads (a query head's group must sit on the device that
