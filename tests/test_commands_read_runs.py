@@ -43,8 +43,9 @@ def runs(tmp_path_factory):
     return out
 
 
-PATHS = {"jax step": ("jax", "checkpoints/1"), "jax run": ("jax", "."),
-         "torch step": ("torch", "checkpoints/step_1"), "torch run": ("torch", ".")}
+# A JAX run directory holds its config and tokenizer itself (read in tests/test_jax_train.py, the demo).
+PATHS = {"jax step": ("jax", "checkpoints/1"), "torch step": ("torch", "checkpoints/step_1"),
+         "torch run": ("torch", ".")}
 
 
 @pytest.mark.parametrize("which", PATHS)
