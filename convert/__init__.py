@@ -19,6 +19,8 @@ or transforms), which every function here takes as arrays: a conversion streams 
     load_jax(path) -> (ModelConfig, params)                  orbax checkpoint + config.json, or a
                                                              JAX training run / checkpoint step
     locate_jax(path) -> (config dir, params dir)
+    model_dir(path) -> Path                                  where a model path's config.json and
+                                                             tokenizer lie (a run or any step)
     run_vocab_rows(run_dir) -> int | None                    the embedding rows a training run's
                                                              checkpoints hold
     save_jax(dst, config, params, tokenizer=None, dtype=None, generation_config=None)
@@ -65,9 +67,12 @@ def open_checkpoint(path) -> tuple:
 
 
 def model_dir(path) -> Path:
-    """The directory of a checkpoint's config.json, where the trainers also write the tokenizer: a
-    JAX run (or one of its steps) keeps them in the run directory, a torch run in every step."""
-    return locate_jax(path)[0] if is_jax_dir(path) else newest_torch_checkpoint(Path(path))
+    """The directory holding config.json, the tokenizer and generation_config.json of the model at
+    `path`: a JAX training run's directory for the run or any of its steps (a step holds only
+    params), a torch run's newest step (each step is a whole HF directory), else `path`."""
+    if is_jax_dir(path):
+        return locate_jax(path)[0]
+    return newest_torch_checkpoint(Path(path))
 
 
 def read_jax_params(path, scan_layers: bool = False) -> tuple:

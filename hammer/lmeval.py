@@ -69,6 +69,7 @@ class HammerLM(TemplateLM):
                         tokenizer: str | Path | None = None, batch_size: int = 8,
                         add_bos_token: bool = False) -> "HammerLM":
         """A model directory hammer reads (HF, a JAX or torch run or checkpoint) on `backend`."""
+        from convert import model_dir
         from hammer.config import ModelConfig
         from hammer.tokenizer import Tokenizer
 
@@ -79,8 +80,9 @@ class HammerLM(TemplateLM):
         path = Path(pretrained)
         if not path.is_dir():
             raise FileNotFoundError(f"model directory {path} not found")
-        tok = Tokenizer.from_pretrained(tokenizer or path)
-        tok.check_fits(ModelConfig.from_hf(path).vocab_size, str(path))
+        files = model_dir(path)  # a JAX step keeps config.json and the tokenizer in its run directory
+        tok = Tokenizer.from_pretrained(tokenizer or files)
+        tok.check_fits(ModelConfig.from_hf(files).vocab_size, str(path))
         scorer, new_stepper = load_backend(backend, path, dtype)
         return cls(scorer, tok, new_stepper=new_stepper, batch_size=batch_size, add_bos_token=add_bos_token)
 

@@ -148,7 +148,9 @@ class ParityResult:
 
 def read_config(directories: list[Path]) -> ModelConfig:
     """The one config every directory holds: a conversion changes the format, never the model."""
-    configs = [ModelConfig.from_hf(d) for d in directories]
+    from convert import model_dir
+
+    configs = [ModelConfig.from_hf(model_dir(d)) for d in directories]
     for d, config in zip(directories[1:], configs[1:]):
         if config != configs[0]:
             differ = [f"{name} {a!r} vs {b!r}" for name, a, b in configs[0].differences(config)]
@@ -179,16 +181,16 @@ def make_batch(config: ModelConfig, *, tokenizer=None, text: str | None = None, 
 
 def runs(directories: list[Path], dtypes: tuple[str, ...]) -> list[Run]:
     """Every backend on every directory it reads (transformers reads only HF directories), each dtype."""
-    from convert import is_hf_dir
+    from convert import is_hf_dir, model_dir
 
     return [Run(backend, d, dtype) for dtype in dtypes for d in directories for backend in BACKENDS
-            if backend != "hf" or is_hf_dir(d)]
+            if backend != "hf" or is_hf_dir(model_dir(d))]
 
 
 def reference_run(directories: list[Path]) -> Run:
-    from convert import is_hf_dir
+    from convert import is_hf_dir, model_dir
 
-    hf = [d for d in directories if is_hf_dir(d)]
+    hf = [d for d in directories if is_hf_dir(model_dir(d))]
     return Run("hf", hf[0], "float32") if hf else Run("torch", directories[0], "float32")
 
 
@@ -295,7 +297,10 @@ def _run_transformers(directory: Path, dtype: str, batch: Batch, max_new_tokens:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype)).to(_torch_device()).eval()
+    from convert import model_dir
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir(directory), dtype=getattr(torch, dtype))
+    model = model.to(_torch_device()).eval()
     ids = torch.from_numpy(batch.ids.astype(np.int64)).to(_torch_device())
     with torch.inference_mode():
         out = model(ids, labels=ids)

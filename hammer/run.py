@@ -44,6 +44,7 @@ FROZEN_KEYS = (
     "lr", "warmup_steps", "min_lr_ratio",  # the schedule (its horizon: `schedule_steps`, below)
     "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm",  # the update rule
     "dtype",  # the computed numbers
+    "scan_layers",  # the checkpoints hold the layers stacked or apart, and the init differs
 )
 FREE_KEYS = (
     "model", "data",  # compared whole, as the config.json and the data's fingerprint
@@ -59,7 +60,7 @@ FREE_KEYS = (
     "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_batch_size",
     "eval_batches", "eval_tasks", "eval_tasks_limit", "eval_tasks_path", "tensorboard",
     "profile_steps",  # what is saved, logged, measured and traced
-    "attention_impl", "scan_layers", "remat", "loss_chunk", "compile", "peak_flops",
+    "attention_impl", "remat", "loss_chunk", "compile", "peak_flops",
     "compilation_cache",  # how a step is computed: the same loss, other speed and memory
 )
 

@@ -27,6 +27,7 @@ from flax import nnx
 
 from convert.mapping import VOCAB_MULTIPLE, padded_vocab_size
 from hammer.config import ModelConfig
+from hammer_jax.per_shard import per_shard
 
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "reference")
 # What a decoder layer keeps for backward under activation checkpointing: "dots" keeps the
@@ -79,8 +80,11 @@ def attention(q, k, v, mask, impl: str):
     if impl == "splash" and mask is None:
         from hammer_jax.splash import splash_attention  # Pallas is imported only when used
 
-        # Per shard of the mesh set with jax.set_mesh; Pallas interprets the kernel off TPU.
+        # Per shard of the mesh in context; Pallas interprets the kernel off TPU.
         return splash_attention(q, k, v, interpret=jax.default_backend() != "tpu")
+    if impl == "cudnn" and mask is None:
+        return per_shard(functools.partial(jax.nn.dot_product_attention, is_causal=True,
+                                           implementation="cudnn"), q, k, v)
     if mask is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
     # cuDNN takes no arbitrary mask; decoding against a cache is memory-bound, so XLA loses little.

@@ -8,7 +8,7 @@ tensor parallel over heads and the MLP). Activations are left to XLA's propagati
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Mapping
+from typing import Mapping
 
 import jax
 from flax import nnx
@@ -87,19 +87,3 @@ def model_shardings(model: nnx.Module, mesh: Mesh, rules=RULES) -> nnx.State:
                       f"axis does not divide: {'; '.join(replicated)}", stacklevel=2)
     return jax.tree.map(lambda v: param_sharding(v, mesh, rules), state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def init_sharded(make_model: Callable[[], nnx.Module], mesh: Mesh, rules=RULES) -> nnx.Module:
-    """Builds `make_model()` with every parameter created directly in its shard, so no device
-    ever holds the whole model."""
-    abstract = nnx.eval_shape(make_model)
-    graphdef, _ = nnx.split(abstract)
-    shardings = model_shardings(abstract, mesh, rules)
-    state = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
-
-
-def shard(model: nnx.Module, mesh: Mesh, rules=RULES) -> nnx.Module:
-    """Moves an existing model's parameters (e.g. from `from_pretrained`) onto the mesh."""
-    nnx.update(model, jax.device_put(nnx.state(model), model_shardings(model, mesh, rules)))
-    return model

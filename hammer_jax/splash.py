@@ -4,24 +4,22 @@ The kernel works on one batch element with heads leading ([heads, seq, head_dim]
 takes the query heads of one KV head against that head's K/V ([seq, head_dim]), so grouped-query
 attention is that form vmapped over batch and KV heads, and K/V are never repeated. The kernel
 does not scale the logits: q is scaled by 1/sqrt(head_dim) first. A Pallas kernel sees only
-local arrays, so under a mesh it runs per shard in `jax.shard_map`: batch split over the
-data-parallel axes, heads over "tensor" when it divides the KV heads (a query head's group must
-sit on the device that holds its K/V), else replicated there.
+local arrays, so under a mesh it runs per shard (`hammer_jax.per_shard`).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import (
     BlockSizes, CausalMask, MultiHeadMask, make_splash_mqa_single_device)
-from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh
 
 from hammer.errors import HammerError
+from hammer_jax.per_shard import per_shard
 
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXIS = "tensor"
 LANES = 128  # the kernel tiles sequences in multiples of the TPU's 128 lanes
 BLOCK = 512  # MaxText's default tile (sa_block_*), taken where it divides the length
 
@@ -51,8 +49,8 @@ def _local_attention(q, k, v, *, interpret: bool):
 def splash_attention(q, k, v, mesh: Mesh | AbstractMesh | None = None, *, interpret: bool = False):
     """Causal attention, q [b, t, heads, d], k/v [b, t, kv_heads, d] -> [b, t, heads, d], as
     `hammer_jax.model.attention` takes it. It runs per shard of `mesh` (axes among "data",
-    "fsdp", "tensor"), by default the one set with `jax.set_mesh`, or on one device when none
-    is. `interpret=True` runs the kernel off TPU (slowly), as the CPU tests do."""
+    "fsdp", "tensor"), by default the one in context, or on one device when none is.
+    `interpret=True` runs the kernel off TPU (slowly), as the CPU tests do."""
     if k.shape[1] != q.shape[1]:
         raise HammerError(f"splash attention is causal self-attention: q has {q.shape[1]} "
                           f"positions, k/v {k.shape[1]}")
@@ -62,22 +60,4 @@ def splash_attention(q, k, v, mesh: Mesh | AbstractMesh | None = None, *, interp
         pad = ((0, 0), (0, -t % LANES), (0, 0), (0, 0))
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
         return splash_attention(q, k, v, mesh, interpret=interpret)[:, :t]
-    if mesh is None:
-        mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return _local_attention(q, k, v, interpret=interpret)
-    batch_axes = tuple(axis for axis in BATCH_AXES if axis in mesh.shape)
-    batch_shards = math.prod(mesh.shape[axis] for axis in batch_axes)
-    if q.shape[0] % batch_shards:
-        raise HammerError(f"batch {q.shape[0]} does not split over mesh axes {batch_axes} "
-                          f"of {batch_shards} devices")
-    head_shards = mesh.shape.get(HEAD_AXIS, 1)
-    head_axis = HEAD_AXIS if head_shards > 1 and k.shape[2] % head_shards == 0 else None
-    spec = PartitionSpec(batch_axes or None, None, head_axis, None)
-    if all(axis_type == AxisType.Explicit for axis_type in mesh.axis_types):
-        # Explicit sharding is part of the type, which shard_map checks rather than converts.
-        q, k, v = (jax.reshard(x, NamedSharding(mesh, spec)) for x in (q, k, v))
-    # check_vma=False: the kernel's pallas_call declares no varying mesh axes for its outputs.
-    local = jax.shard_map(lambda *qkv: _local_attention(*qkv, interpret=interpret), mesh=mesh,
-                          in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
-    return local(q, k, v)
+    return per_shard(functools.partial(_local_attention, interpret=interpret), q, k, v, mesh)

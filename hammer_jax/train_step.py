@@ -11,6 +11,7 @@ on it. The state is donated: the update is written over the old state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -88,6 +89,18 @@ def fresh_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransfor
     return graphdef, shardings, init_state(random_params(make_model, shardings.params), tx, shardings)
 
 
+def _under(mesh: Mesh) -> Callable:
+    """Traces a step with `mesh` in context, so that every kernel XLA cannot partition (splash,
+    cuDNN) runs per device shard (`hammer_jax.per_shard`) whoever calls or lowers the step."""
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def traced(*args):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return fn(*args)
+        return traced
+    return wrap
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     shardings: TrainState, mesh: Mesh, *, grad_accum: int, loss_chunk: int
                     ) -> Callable:
@@ -102,6 +115,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         total, _ = nll_sum(nnx.merge(graphdef, params), ids, loss_chunk, shards)
         return total / tokens
 
+    @_under(mesh)
     def step(state: TrainState, batch, lr):
         rows, seq = batch.shape
         tokens = rows * (seq - 1)  # every position of every block but its last predicts one
@@ -132,6 +146,7 @@ def make_eval_step(graphdef: nnx.GraphDef, param_shardings, mesh: Mesh, *, loss_
     """jit(params, batch [B, S]) -> the float32 sum of the batch's next-token NLL."""
     shards = batch_shards(mesh)
 
+    @_under(mesh)
     def evaluate(params, batch):
         return nll_sum(nnx.merge(graphdef, params), batch, loss_chunk, shards)[0]
 

@@ -217,29 +217,32 @@ import jax, jax.numpy as jnp
 from flax import nnx
 from hammer.config import ModelConfig
 from hammer_jax import Llama, model_from_params, params_of
-from hammer_jax.sharding import RULES, logical_to_spec
+from hammer_jax.sharding import make_mesh
+from hammer_jax.train_step import random_params, state_layout
 from jax.sharding import PartitionSpec as P
-from hammer_jax.sharding import make_mesh, init_sharded, shard
+import optax
 config = ModelConfig(vocab_size=1013, hidden_size=96, intermediate_size=136, num_layers=2,
                      num_heads=8, num_kv_heads=2)
 assert jax.device_count() == 8, jax.devices()
 assert dict(make_mesh({"fsdp": -1, "tensor": 2}).shape) == {"data": 1, "fsdp": 4, "tensor": 2}
 mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
 options = dict(attention_impl="xla", scan_layers=True)
-sharded = init_sharded(lambda: Llama(config, rngs=nnx.Rngs(0), **options), mesh)
-q = sharded.layers.self_attn.q_proj.kernel[...]
+make = lambda: Llama(config, rngs=nnx.Rngs(0), **options)
+graphdef, shardings, _ = state_layout(make, optax.sgd(0.1), mesh)
+params = random_params(make, shardings.params)  # each made in its shard, as the trainer does
+q = params["layers"]["self_attn"]["q_proj"]["kernel"]
 assert tuple(q.sharding.spec) == (None, "tensor", None, "fsdp"), q.sharding
 assert q.addressable_shards[0].data.shape == (2, 4, 12, 48), q.addressable_shards[0].data.shape
-plain = model_from_params(config, jax.device_get(params_of(sharded)), **options)
+plain = model_from_params(config, jax.device_get(params), **options)
 assert len(plain.layers.self_attn.q_proj.kernel[...].sharding.device_set) == 1
 ids = jax.random.randint(jax.random.key(0), (4, 9), 0, config.vocab_size)
-forward = nnx.jit(lambda m, x: m(x))
-diff = float(jnp.abs(forward(sharded, ids) - forward(plain, ids)).max())
+forward = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))
+diff = float(jnp.abs(forward(params, ids) - forward(params_of(plain), ids)).max())
 assert diff < 1e-5, diff
-moved = shard(model_from_params(config, jax.device_get(params_of(sharded)), **options), mesh)
-down = moved.layers.mlp.down_proj.kernel[...]
+moved = jax.device_put(params_of(plain), shardings.params)  # a loaded model placed on the mesh
+down = moved["layers"]["mlp"]["down_proj"]["kernel"]
 assert tuple(down.sharding.spec) == (None, "fsdp", "tensor"), down.sharding
-assert float(jnp.abs(forward(moved, ids) - forward(plain, ids)).max()) < 1e-5
+assert float(jnp.abs(forward(moved, ids) - forward(params_of(plain), ids)).max()) < 1e-5
 print("ok")
 """
 

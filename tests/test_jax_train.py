@@ -153,6 +153,27 @@ def test_a_checkpoint_of_other_shapes_is_refused_naming_the_tensor_and_nothing_i
     assert not (copy / "checkpoints-unreadable").exists() and params_dir.is_dir()
 
 
+def test_scanned_layers_train_and_resume_and_the_other_layout_is_refused(inputs, tmp_path):
+    config = write_train_config(tmp_path / "c.toml", inputs, tmp_path / "run", steps=4,
+                                checkpoint_every=2, scan_layers=True, mesh={"fsdp": 2})
+    result = run_train(config, devices=2)  # the stacked weights sharded over fsdp
+    assert result.returncode == 0, result.stderr[-3000:]
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    losses = train_losses(run)
+    assert losses[4] < losses[1], losses
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints" / "4")  # as if killed before saving step 4
+    result = run_train(config, f"output={copy}", devices=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "from step 2" in result.stderr
+    assert train_losses(copy) == losses  # steps 3 and 4 again, bit for bit
+    # Per-layer params cannot restore into stacked ones: refused, no checkpoint set aside.
+    result = run_train(config, f"output={copy}", "scan_layers=false", devices=2)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "has scan_layers = false; rerun with scan_layers = true" in result.stderr
+    assert not (copy / "checkpoints-unreadable").exists()
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_0(inputs, tmp_path):
     run = tmp_path / "run"
     config = write_train_config(tmp_path / "c.toml", inputs, run, steps=100_000,

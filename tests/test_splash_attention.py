@@ -58,7 +58,7 @@ from tests.test_splash_attention import TOLERANCE, max_errors
 
 mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
 attention = lambda q, k, v: splash_attention(q, k, v, interpret=True)
-with jax.set_mesh(mesh):  # the mesh a trainer sets; splash_attention takes it from there
+with jax.set_mesh(mesh):  # a mesh in context: splash_attention takes it from there
     # 4 query heads on 2 KV heads: each tensor shard holds one KV head and its 2 query heads.
     errors, out = max_errors(attention, batch=4, seq=256, heads=4, kv_heads=2, head_dim=128)
     assert max(errors) < TOLERANCE, errors

@@ -90,7 +90,7 @@ def _open(tmp_path, *overrides, data=None, trained=0):
 def test_a_rerun_resumes_and_may_change_how_steps_run(tmp_path):
     run = _open(tmp_path)
     assert (run / RUN_FILE).is_file()
-    _open(tmp_path, "mesh.data=2", "remat=full", "log_every=1", "grad_accum=2", "scan_layers=true")
+    _open(tmp_path, "mesh.data=2", "remat=full", "log_every=1", "grad_accum=2", "loss_chunk=7")
     assert json.loads((run / RUN_FILE).read_text())["config"]["grad_accum"] == 2
 
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import argparse
 
+# What every command that reads a model takes (convert.model_dir finds its config and tokenizer).
+MODEL_PATH_HELP = ("an HF model directory, a hammer JAX directory, or a training run of either "
+                   "backend or any of its checkpoints (a run: its newest)")
+
 
 def examples(*lines: str) -> dict:
     """`add_parser` keywords that end the command's --help with these example lines, as written."""

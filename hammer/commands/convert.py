@@ -12,7 +12,7 @@ from pathlib import Path
 from convert import ConvertError, check_hf, hf_to_jax, model_dir, open_checkpoint, save_gguf, save_hf, save_jax
 from convert.gguf_file import DTYPES as GGUF_DTYPES
 from convert.hf import DTYPES, TokenizerFiles, cast, read_generation_config
-from hammer.commands import examples
+from hammer.commands import MODEL_PATH_HELP, examples
 
 
 def write_jax(dst, config, tensors, *, dtype=None, **options):
@@ -33,7 +33,7 @@ def register(subparsers) -> None:
                                   "hammer convert runs/jax runs/hf --to hf --dtype bfloat16 --tokenizer path/to/tokenizer",
                                   "hammer convert runs/jax runs/torch --to torch",
                                   "hammer convert runs/1.4b runs/1.4b-q8_0.gguf --to gguf --dtype q8_0"))
-    p.add_argument("src", type=Path, help="an HF model directory or a hammer JAX directory")
+    p.add_argument("src", type=Path, help=MODEL_PATH_HELP)
     p.add_argument("dst", type=Path, help="output directory, or file for --to gguf (must not exist)")
     p.add_argument("--to", required=True, choices=sorted(TARGETS), help="output format")
     p.add_argument("--dtype", choices=sorted(set(DTYPES) | set(GGUF_DTYPES)),

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from hammer import eval as harness
-from hammer.commands import examples
+from hammer.commands import MODEL_PATH_HELP, examples
 from hammer.documents import read_documents
 from hammer.eval import EvalError
 
@@ -25,8 +25,7 @@ def register(subparsers) -> None:
                                   "hammer eval --model runs/jax --mode rolling --data en=valid/en.jsonl",
                                   "hammer eval --model runs/1.4b --tasks arc_easy hellaswag --limit 100",
                                   "hammer eval --model runs/jax --tasks my_task --include-path tasks/ --backend torch"))
-    p.add_argument("--model", required=True, type=Path,
-                   help="an HF model directory or a hammer JAX checkpoint directory")
+    p.add_argument("--model", required=True, type=Path, help=MODEL_PATH_HELP)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--data", nargs="+", action="extend", metavar="NAME=FILE",
                       help="a domain: its name and a .jsonl (field 'text') or .txt (a document a line) file")
@@ -42,7 +41,7 @@ def register(subparsers) -> None:
                    help="jax: hammer_jax; torch: the hammer_torch twin; hf: transformers, --mode skywork "
                         "only (default jax)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the model directory)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the model's)")
     p.add_argument("--max-tokens", type=int,
                    help="--mode skywork: documents are cut to max_tokens // 3 characters and max_tokens ids "
                         f"(default {harness.DEFAULT_MAX_TOKENS})")
@@ -81,12 +80,12 @@ def load_scorer(backend: str, path: Path, dtype: str) -> harness.Scorer:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if backend == "hf":
-        from convert.hf import is_hf_dir
+        from convert import is_hf_dir, model_dir
 
-        if not is_hf_dir(path):
+        if not is_hf_dir(model_dir(path)):
             raise EvalError(f"--backend hf reads HF model directories and {path} has no HF weights; "
                              "use --backend jax or torch for a hammer JAX checkpoint")
-        return TorchScorer.from_hf(path, dtype=getattr(torch, dtype), device=device)
+        return TorchScorer.from_hf(model_dir(path), dtype=getattr(torch, dtype), device=device)
     import hammer_torch
 
     return TorchScorer.from_twin(hammer_torch.from_pretrained(path, dtype=getattr(torch, dtype)).to(device))
@@ -112,6 +111,7 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from convert import model_dir
     from hammer.config import ModelConfig
     from hammer.tokenizer import Tokenizer
 
@@ -127,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 6:
         raise EvalError(f"--max-tokens must be >= 6, got {args.max_tokens}")
     domains = {name: read_documents(file) for name, file in domain_files.items()}
-    tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
-    tokenizer.check_fits(ModelConfig.from_hf(args.model).vocab_size, str(args.model))
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer or model_dir(args.model))
+    tokenizer.check_fits(ModelConfig.from_hf(model_dir(args.model)).vocab_size, str(args.model))
     reference = Tokenizer.from_pretrained(args.reference_tokenizer) if args.reference_tokenizer else None
     scorer = load_scorer(args.backend, args.model, args.dtype)
     result = harness.evaluate(scorer, tokenizer, domains, max_tokens=args.max_tokens,
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{min(args.max_tokens, scorer.max_length)} tokens", file=sys.stderr)
     if args.json:
         print(json.dumps({"model": str(args.model), "backend": args.backend, "dtype": args.dtype,
-                          "tokenizer": str(args.tokenizer or args.model),
+                          "tokenizer": str(args.tokenizer or model_dir(args.model)),
                           "reference_tokenizer": str(args.reference_tokenizer) if reference else None,
                           "data": {name: str(file) for name, file in domain_files.items()},
                           **result.to_json()}, indent=2))
@@ -161,6 +161,8 @@ def load_lm(args: argparse.Namespace):
 
 
 def run_rolling(args: argparse.Namespace, domain_files: dict[str, Path]) -> int:
+    from convert import model_dir
+
     domains = {name: read_documents(file) for name, file in domain_files.items()}
     lm = load_lm(args)
     from hammer import rolling
@@ -168,7 +170,7 @@ def run_rolling(args: argparse.Namespace, domain_files: dict[str, Path]) -> int:
     results = rolling.evaluate_rolling(lm, domains)
     if args.json:
         print(json.dumps({"model": str(args.model), "backend": args.backend, "dtype": args.dtype,
-                          "mode": "rolling", "tokenizer": str(args.tokenizer or args.model),
+                          "mode": "rolling", "tokenizer": str(args.tokenizer or model_dir(args.model)),
                           "data": {name: str(file) for name, file in domain_files.items()},
                           "domains": {name: d.to_json() for name, d in results.items()}}, indent=2))
     else:

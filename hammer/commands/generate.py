@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hammer.commands import examples
+from hammer.commands import MODEL_PATH_HELP, examples
 from hammer.sampling import Sampler, TextStream, check_context, generate
 
 BACKENDS = ("jax", "torch")
@@ -18,8 +18,7 @@ def register(subparsers) -> None:
                                           "stops at EOS or after --max-new-tokens.", **examples(
                                   'hammer generate --model runs/jax --prompt "你好" --temperature 0 --max-new-tokens 64',
                                   'hammer generate --model runs/hf --backend torch --prompt "def fib(n):" --top-p 0.9'))
-    p.add_argument("--model", required=True, type=Path,
-                   help="an HF model directory or a hammer JAX checkpoint directory")
+    p.add_argument("--model", required=True, type=Path, help=MODEL_PATH_HELP)
     p.add_argument("--prompt", required=True, help="the text to continue (BOS is added as the tokenizer says)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
@@ -27,7 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=BACKENDS, default="jax")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the model directory)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the model's)")
     p.set_defaults(func=run)
 
 
@@ -50,14 +49,15 @@ def load_stepper(backend: str, path: Path, dtype: str, max_len: int):
 
 
 def run(args: argparse.Namespace) -> int:
+    from convert import model_dir
     from hammer.config import ModelConfig
     from hammer.tokenizer import Tokenizer
 
     sampler = Sampler(args.temperature, args.top_p, args.seed)
     if not args.model.is_dir():
         raise FileNotFoundError(f"model directory {args.model} not found")
-    config = ModelConfig.from_hf(args.model)
-    tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
+    config = ModelConfig.from_hf(model_dir(args.model))
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer or model_dir(args.model))
     tokenizer.check_fits(config.vocab_size, str(args.model))
     prompt_ids = tokenizer.encode(args.prompt)
     check_context(len(prompt_ids), args.max_new_tokens, config.max_position_embeddings)

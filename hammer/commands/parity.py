@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from hammer import parity
-from hammer.commands import examples
+from hammer.commands import MODEL_PATH_HELP, examples
 
 EXIT_PARITY_FAILED = 1  # distinct from bad input's 2
 
@@ -19,7 +19,7 @@ def register(subparsers) -> None:
             "hammer convert runs/hf runs/jax --to jax && hammer parity runs/hf runs/jax",
             "hammer parity runs/hf runs/jax --bf16 --text \"你好，世界\" --max-new-tokens 32",
             "hammer parity runs/jax --json > parity.json        # one directory: every backend reads it"))
-    p.add_argument("src", type=Path, help="the original: an HF model directory or a hammer JAX directory")
+    p.add_argument("src", type=Path, help=f"the original: {MODEL_PATH_HELP}")
     p.add_argument("dst", type=Path, nargs="?", help="its conversion (default: SRC alone)")
     p.add_argument("--dtype", choices=parity.DTYPES, default="float32",
                    help="bfloat16: also run every backend in bfloat16 (float32 always runs)")
@@ -60,10 +60,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _tokenizer(directories: list[Path]):
     """The first directory's tokenizer.model, SRC's before DST's."""
+    from convert import model_dir
     from hammer.tokenizer import MODEL_FILE, Tokenizer
 
     for d in directories:
-        if (d / MODEL_FILE).is_file():
-            return Tokenizer.from_pretrained(d)
+        if (model_dir(d) / MODEL_FILE).is_file():
+            return Tokenizer.from_pretrained(model_dir(d))
     raise parity.ParityError(f"--text needs a tokenizer and no {MODEL_FILE} is in "
                              f"{' or '.join(map(str, directories))}; leave out --text for random ids")
