@@ -167,11 +167,12 @@ def test_scanned_layers_train_and_resume_and_the_other_layout_is_refused(inputs,
     assert result.returncode == 0, result.stderr[-3000:]
     assert "from step 2" in result.stderr
     assert train_losses(copy) == losses  # steps 3 and 4 again, bit for bit
-    # Per-layer params cannot restore into stacked ones: refused, no checkpoint set aside.
+    # Per-layer params cannot restore into stacked ones: refused, nothing set aside or rewritten.
+    before = (copy / "run.json").read_text()
     result = run_train(config, f"output={copy}", "scan_layers=false", devices=2)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "has scan_layers = false; rerun with scan_layers = true" in result.stderr
-    assert not (copy / "checkpoints-unreadable").exists()
+    assert "another scan_layers (scan_layers: True -> False)" in result.stderr
+    assert not (copy / "checkpoints-unreadable").exists() and (copy / "run.json").read_text() == before
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_0(inputs, tmp_path):
