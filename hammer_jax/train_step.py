@@ -19,7 +19,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from hammer_jax.loss import nll_sum
+from hammer_jax.loss import loss_sums
+from hammer_jax.optimizer import SkipSpikesState
 
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both data-parallel mesh axes
 
@@ -88,35 +89,53 @@ def fresh_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransfor
     return graphdef, shardings, init_state(random_params(make_model, shardings.params), tx, shardings)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtraArgs,
                     schedule: Callable, shardings: TrainState, mesh: Mesh, *, grad_accum: int,
-                    loss_chunk: int) -> Callable:
-    """jit(state, batch [B, S] int32) -> (state, {"loss", "grad_norm", "lr"}); donates the state."""
+                    loss_chunk: int, z_loss: float = 0.0) -> Callable:
+    """jit(state, batch) -> (state, metrics); donates the state. `batch` is the token ids
+    [B, S] int32, or with document masking the tuple (ids, segment ids, positions), each [B, S]
+    (`hammer.data.loader.documents`). `tx` is `hammer_jax.optimizer.make_optimizer`'s.
+
+    metrics: "loss" (the cross-entropy), "grad_norm" (before clipping), "lr" (of this update);
+    with z_loss > 0 also "z_loss" (its term in the objective, z_loss * mean(logsumexp^2)); with
+    spike skipping also "skipped" (steps skipped so far, this one included)."""
     shards = batch_shards(mesh)
     micro_sharding = NamedSharding(mesh, P(None, BATCH_AXES, None))
 
-    def loss_fn(params, ids, tokens):
-        total, _ = nll_sum(nnx.merge(graphdef, params), ids, loss_chunk, shards)
-        return total / tokens
+    def loss_fn(params, micro, tokens):
+        ids, *documents = micro
+        nll, z, _ = loss_sums(nnx.merge(graphdef, params), ids, loss_chunk, shards, *documents)
+        objective = nll + z_loss * z if z_loss else nll
+        return objective / tokens, jnp.stack([nll, z_loss * z]) / tokens
 
     def step(state: TrainState, batch):
-        rows, seq = batch.shape
+        batch = batch if isinstance(batch, tuple) else (batch,)
+        rows, seq = batch[0].shape
         tokens = rows * (seq - 1)  # every position of every block but its last predicts one
-        micro = batch.reshape(rows // grad_accum, grad_accum, seq).swapaxes(0, 1)
-        micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
-        grad_fn = jax.value_and_grad(loss_fn)
 
-        def accumulate(carry, ids):
-            loss, grads = carry
-            micro_loss, micro_grads = grad_fn(state.params, ids, tokens)
+        def split(x):
+            micro = x.reshape(rows // grad_accum, grad_accum, seq).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(micro, micro_sharding)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def accumulate(carry, micro):
+            terms, grads = carry
+            (_, micro_terms), micro_grads = grad_fn(state.params, micro, tokens)
             grads = jax.tree.map(jnp.add, grads, micro_grads)
-            return (loss + micro_loss, jax.lax.with_sharding_constraint(grads, shardings.params)), None
+            return (terms + micro_terms, jax.lax.with_sharding_constraint(grads, shardings.params)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        (terms, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((2,), jnp.float32), zeros),
+                                         tuple(map(split, batch)))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, step=state.step,
+                                       loss=terms[0] + terms[1])
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        metrics = {"loss": terms[0], "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        if z_loss:
+            metrics["z_loss"] = terms[1]
+        if isinstance(opt_state, SkipSpikesState):
+            metrics["skipped"] = opt_state.skipped
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     replicated = NamedSharding(mesh, P())
@@ -126,11 +145,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 def make_eval_step(graphdef: nnx.GraphDef, param_shardings, mesh: Mesh, *, loss_chunk: int
                    ) -> Callable:
-    """jit(params, batch [B, S]) -> the float32 sum of the batch's next-token NLL."""
+    """jit(params, batch) -> the float32 sum of the batch's next-token NLL; `batch` as the train
+    step's (ids [B, S], or with document masking (ids, segment ids, positions))."""
     shards = batch_shards(mesh)
 
     def evaluate(params, batch):
-        return nll_sum(nnx.merge(graphdef, params), batch, loss_chunk, shards)[0]
+        ids, *documents = batch if isinstance(batch, tuple) else (batch,)
+        return loss_sums(nnx.merge(graphdef, params), ids, loss_chunk, shards, *documents)[0]
 
     return jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding(mesh)),
                    out_shardings=NamedSharding(mesh, P()))
