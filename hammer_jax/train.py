@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 import convert
 from hammer.config import ConfigError, ModelConfig
-from hammer.data.loader import Loader, LoaderState, eval_batches, mixture_from_specs, validation_sets
+from hammer.data.loader import (Loader, LoaderState, document_bos, eval_batches, mixture_from_specs,
+                                validation_sets)
 from hammer.metrics import MetricsLog, TrainMeter, check_finite, peak_flops, perplexity
 from hammer.run import check_init, check_inputs, data_fingerprint, open_run, sigterm_flag
 from hammer.train_config import TrainConfig
@@ -43,6 +44,7 @@ from hammer_jax.train_step import (
     init_state,
     make_eval_step,
     make_train_step,
+    place_batch,
     random_params,
     state_layout,
 )
@@ -56,6 +58,7 @@ def train(config: TrainConfig) -> Path:
     primary = jax.process_index() == 0
     model_config = config.model_config()
     model_options = model_options_of(config)
+    bos = document_bos(config.document_mask, model_config.bos_token_id)
     mesh = make_mesh(config.mesh)
     _check_batch_layout(config, batch_shards(mesh))
     mixture = mixture_from_specs(config.data)
@@ -104,10 +107,11 @@ def train(config: TrainConfig) -> Path:
             print(f"resuming {run_dir} from step {start}", file=sys.stderr)
 
     step_fn = make_train_step(graphdef, tx, schedule, shardings, mesh,
-                              grad_accum=config.grad_accum, loss_chunk=config.loss_chunk)
+                              grad_accum=config.grad_accum, loss_chunk=config.loss_chunk,
+                              z_loss=config.z_loss)
     eval_fn = make_eval_step(graphdef, shardings.params, mesh, loss_chunk=config.loss_chunk)
     compile_start = time.perf_counter()
-    step_fn = step_fn.lower(state, to_device(loader.batch(loader.step))).compile()
+    step_fn = step_fn.lower(state, place_batch(loader.batch(loader.step), to_device, bos)).compile()
     compile_time = time.perf_counter() - compile_start
 
     meter = TrainMeter(config.batch_size * mixture.block_size,
@@ -123,12 +127,13 @@ def train(config: TrainConfig) -> Path:
         if primary:
             closing.enter_context(metrics)
         for done in range(start + 1, config.steps + 1):
-            batch = to_device(next(loader))
+            batch = place_batch(next(loader), to_device, bos)
             began = time.perf_counter()
             state, out = step_fn(state, batch)
             out = {k: float(v) for k, v in jax.device_get(out).items()}
             meter.add(out["loss"], time.perf_counter() - began, out["lr"], out["grad_norm"])
-            check_finite(done, loss=out["loss"], grad_norm=out["grad_norm"])
+            if not config.spike_skip:  # a skipped non-finite step changed nothing
+                check_finite(done, loss=out["loss"], grad_norm=out["grad_norm"])
             bar.update()
             if done % config.log_every == 0 or done == config.steps:
                 record = meter.record(done)
@@ -141,7 +146,7 @@ def train(config: TrainConfig) -> Path:
                     metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             if validation and config.eval_every and done % config.eval_every == 0:
-                record = _evaluate(eval_fn, state.params, validation, config, done, mesh)
+                record = _evaluate(eval_fn, state.params, validation, config, done, mesh, bos)
                 if primary:
                     metrics.write(record)
             stop = any_process(preempted())  # a SIGTERM on any host: all save this step and stop
@@ -199,7 +204,7 @@ def _write_model_files(run_dir: Path, model: ModelConfig, tokenizer) -> None:
         tokenizer.save_pretrained(run_dir)
 
 
-def _evaluate(eval_fn, params, validation, config: TrainConfig, step: int, mesh) -> dict:
+def _evaluate(eval_fn, params, validation, config: TrainConfig, step: int, mesh, bos) -> dict:
     """Per-domain loss and perplexity over the first `eval_batches` full batches of each set."""
     domains = {}
     for name, ds in validation.items():
@@ -209,7 +214,7 @@ def _evaluate(eval_fn, params, validation, config: TrainConfig, step: int, mesh)
         for i, rows in enumerate(batches):
             if config.eval_batches and i == config.eval_batches:
                 break
-            total += float(eval_fn(params, place(rows)))
+            total += float(eval_fn(params, place_batch(rows, place, bos)))
             tokens += config.eval_batch_size * (ds.block_size - 1)
         loss = total / tokens
         domains[name] = {"loss": loss, "ppl": perplexity(loss), "tokens": tokens}

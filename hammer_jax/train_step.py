@@ -15,10 +15,12 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from hammer.data.loader import documents
 from hammer_jax.loss import loss_sums
 from hammer_jax.optimizer import SkipSpikesState
 
@@ -87,6 +89,14 @@ def fresh_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransfor
     `mesh`, with the optimizer state of `tx`: what a run that starts from scratch holds."""
     graphdef, shardings, _ = state_layout(make_model, tx, mesh)
     return graphdef, shardings, init_state(random_params(make_model, shardings.params), tx, shardings)
+
+
+def place_batch(rows: np.ndarray, place: Callable, bos_id: int | None):
+    """The step's batch from this process's `rows` of token ids: `place(rows)`, or with document
+    masking (`bos_id` set) the placed (ids, segment ids, positions)."""
+    if bos_id is None:
+        return place(rows)
+    return tuple(place(x) for x in (rows, *documents(rows, bos_id)))
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtraArgs,

@@ -23,13 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from hammer.config import ConfigError, ModelConfig
-from hammer.data.loader import Loader, LoaderState, eval_batches, mixture_from_specs, validation_sets
+from hammer.data.loader import (Loader, LoaderState, document_bos, eval_batches, mixture_from_specs,
+                                validation_sets)
 from hammer.metrics import MetricsLog, TrainMeter, check_finite, peak_flops, perplexity
 from hammer.run import CHECKPOINTS_DIR, check_init, check_inputs, data_fingerprint, open_run, sigterm_flag
 from hammer.train_config import TrainConfig
@@ -47,6 +47,7 @@ def train(config: TrainConfig) -> Path:
     if config.remat == "dots":
         raise ConfigError("remat = 'dots' is a JAX policy; the torch trainer takes none or full")
     model_config = config.model_config()
+    bos = document_bos(config.document_mask, model_config.bos_token_id)
     mixture = mixture_from_specs(config.data)
     validation = validation_sets(config.validation) if config.validation else {}
     tokenizer = check_inputs(config, model_config, mixture, validation)  # saved with every checkpoint
@@ -63,11 +64,11 @@ def train(config: TrainConfig) -> Path:
         if rank == 0:
             open_run(config, model_config, data_fingerprint(mixture))
         dist.barrier()
-        return _train(config, model_config, model, mixture, validation, tokenizer, run_dir, device)
+        return _train(config, model_config, model, mixture, validation, tokenizer, run_dir, device, bos)
 
 
 def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture, validation,
-           tokenizer, run_dir: Path, device: torch.device) -> Path:
+           tokenizer, run_dir: Path, device: torch.device, bos: int | None) -> Path:
     rank, world = dist.get_rank(), dist.get_world_size()
     step_fn = train_step.build(config, model, device)
     optimizer, scheduler = step_fn.optimizer, step_fn.scheduler
@@ -75,6 +76,8 @@ def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture
     checkpoints = run_dir / CHECKPOINTS_DIR
     resumed = train_checkpoint.restore(checkpoints, model_config, model, optimizer, scheduler)
     step = resumed.step if resumed else 0
+    if resumed and step_fn.spikes is not None:
+        step_fn.spikes.load(resumed.spikes)
     loader = Loader(mixture, config.batch_size, seed=config.seed, step=step,
                     process_index=rank, process_count=world)
     if resumed:
@@ -96,16 +99,17 @@ def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture
             closing.enter_context(metrics)
         closing.callback(progress.close)
         while step < config.steps:
-            rows = torch.from_numpy(next(loader).astype(np.int64)).to(device)
+            rows = train_step.step_rows(next(loader), device, bos)
             began = time.perf_counter()
-            rank_loss, grad_norm, lr = step_fn(rows)
+            rank_loss, grad_norm, lr, _ = step_fn(rows)
             # One all-reduce: the step's mean loss over every rank and whether any rank got SIGTERM.
             shared = torch.stack([rank_loss, torch.tensor(float(sigterm()), dtype=torch.float64,
                                                            device=device)])
             dist.all_reduce(shared)
             step_loss, stop = shared[0].item() / world, shared[1].item() > 0
             grad_norm = grad_norm.item()
-            check_finite(step + 1, loss=step_loss, grad_norm=grad_norm)
+            if not config.spike_skip:  # a skipped non-finite step changed nothing
+                check_finite(step + 1, loss=step_loss, grad_norm=grad_norm)
             meter.add(step_loss, time.perf_counter() - began, lr, grad_norm)
             step += 1
             progress.update()
@@ -118,12 +122,13 @@ def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, mixture
                     metrics.write(record)
                     progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             if validation and config.eval_every and step % config.eval_every == 0:
-                domains = _evaluate(step_fn.loss_module, validation, config, step_fn.autocast, device)
+                domains = _evaluate(step_fn.loss_module, validation, config, step_fn.autocast, device, bos)
                 if metrics is not None:
                     metrics.write({"step": step, "kind": "eval", "domains": domains})
             if step % config.checkpoint_every == 0 or step == config.steps or stop:
                 train_checkpoint.save(checkpoints, train_checkpoint.TrainerState(
-                    step, loader.state.to_dict()), model, optimizer, scheduler,
+                    step, loader.state.to_dict(), step_fn.spikes.to_dict() if step_fn.spikes else None),
+                    model, optimizer, scheduler,
                     config.keep_checkpoints, tokenizer)
             if stop:
                 if rank == 0:
@@ -150,7 +155,7 @@ def _initial_model(config: TrainConfig, model_config: ModelConfig) -> Llama:
 
 @torch.no_grad()
 def _evaluate(loss_module: CausalLMLoss, validation, config: TrainConfig, autocast,
-              device: torch.device) -> dict[str, dict[str, float]]:
+              device: torch.device, bos: int | None) -> dict[str, dict[str, float]]:
     """Mean next-token loss of each validation set (the first `eval_batches` batches), all ranks."""
     rank, world = dist.get_rank(), dist.get_world_size()
     loss_module.eval()
@@ -162,9 +167,9 @@ def _evaluate(loss_module: CausalLMLoss, validation, config: TrainConfig, autoca
             if config.eval_batches and i == config.eval_batches:
                 break
             if len(rows):
-                ids = torch.from_numpy(rows.astype(np.int64)).to(device)
+                ids, *documents = train_step.step_rows(rows, device, bos)
                 with autocast:
-                    mean = loss_module(ids)
+                    mean, _ = loss_module(ids, *documents)
                 count = ids.shape[0] * (ids.shape[1] - 1)
                 total += torch.stack([mean.double() * count, torch.tensor(count, dtype=torch.float64,
                                                                           device=device)])

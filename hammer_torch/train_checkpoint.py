@@ -6,7 +6,7 @@ that resumes the run exactly.
                                                                  `hammer convert/eval/generate` and a
                                                                  JAX run's `init` read them as they are
         optimizer.pt      AdamW's state consolidated from the ZeRO-1 shards, and the LR scheduler's
-        trainer.json      step, loader state (seed, step), world size
+        trainer.json      step, loader state (seed, step), spike window (spike_skip), world size
         rng.pt            the torch (and CUDA) RNG state of every rank
 
 A directory is written under a temporary name and renamed when complete (hammer.fsio), so a kill
@@ -42,6 +42,7 @@ class CheckpointError(HammerError):
 class TrainerState:
     step: int  # optimizer steps completed
     loader: dict[str, int]  # LoaderState.to_dict()
+    spikes: dict | None = None  # train_step.SpikeWindow.to_dict() of a run with spike_skip
 
 
 def save(directory: Path, state: TrainerState, model: torch.nn.Module, optimizer, scheduler,
@@ -66,7 +67,7 @@ def save(directory: Path, state: TrainerState, model: torch.nn.Module, optimizer
                        tmp / OPTIMIZER_FILE)
             torch.save(rngs, tmp / RNG_FILE)
             (tmp / TRAINER_FILE).write_text(json.dumps(
-                {"step": state.step, "loader": state.loader,
+                {"step": state.step, "loader": state.loader, "spikes": state.spikes,
                  "world_size": dist.get_world_size()}, indent=2))
         for old in torch_step_dirs(directory)[:-keep]:
             shutil.rmtree(old)
@@ -110,7 +111,7 @@ def _read(path: Path, model_config: ModelConfig):
     if config != model_config:
         raise ValueError("its config.json describes another model than the run's")
     meta = json.loads((path / TRAINER_FILE).read_text())
-    state = TrainerState(int(meta["step"]), dict(meta["loader"]))
+    state = TrainerState(int(meta["step"]), dict(meta["loader"]), meta.get("spikes"))
     # Memory-mapped: each rank copies out only its ZeRO-1 partition, not the whole state.
     saved = torch.load(path / OPTIMIZER_FILE, weights_only=True, mmap=True)
     rngs = torch.load(path / RNG_FILE, weights_only=True)

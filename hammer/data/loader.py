@@ -180,6 +180,15 @@ def documents(blocks: np.ndarray, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
     return segments, (index - first).astype(np.int32)
 
 
+def document_bos(document_mask: bool, bos_token_id: int | None) -> int | None:
+    """The id that starts a document when a run masks documents (None when it does not); a model
+    without a bos_token_id cannot."""
+    if document_mask and bos_token_id is None:
+        raise DataError("document_mask = true needs the model's bos_token_id (config.json), which "
+                        "starts each packed document; it is not set")
+    return bos_token_id if document_mask else None
+
+
 def mixture_from_specs(specs: Sequence[str], tokenizer=None) -> Mixture:
     """A mixture from "DIR" or "DIR:WEIGHT" strings (a weight for every dataset or for none)."""
     paths, weights = [], []
