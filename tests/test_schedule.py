@@ -1,12 +1,20 @@
-"""The optax schedule the JAX trainer runs equals HammerLLM's formula (hammer.schedule) at the
-points where its pieces meet, and the weight-decay rule is HF Trainer's."""
+"""The schedules (hammer.schedule) equal their formulas at every step, evaluated on the host (the
+torch trainer) and traced in jax.numpy (the JAX step) alike; HammerLLM's clamped cosine at the
+points where its pieces meet; a WSD run decays from any checkpoint of its stable phase; the
+weight-decay rule is HF Trainer's, for HF and JAX names."""
 import math
+import re
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from hammer.config import ConfigError
 from hammer.schedule import from_config, learning_rate
 from hammer.train_config import TrainConfig
-from hammer_jax.optimizer import decays, learning_rate_schedule
+from hammer.weight_decay import decays
+from hammer_jax.optimizer import learning_rate_schedule
 
 CONFIG = TrainConfig(model="m.json", data=("d",), output="o", steps=1000, batch_size=8, lr=5e-4,
                      warmup_steps=100, min_lr_ratio=0.1)
@@ -16,7 +24,7 @@ FLOOR_STEP = math.ceil(100 + FLOOR_PROGRESS * 900)
 
 
 @pytest.mark.parametrize("step", [0, 50, 99, 100, 550, FLOOR_STEP - 1, FLOOR_STEP, 999])
-def test_optax_schedule_equals_the_formula(step):
+def test_the_traced_schedule_equals_the_formula(step):
     expected = learning_rate(step, peak=5e-4, warmup_steps=100, total_steps=1000, min_lr_ratio=0.1)
     assert float(learning_rate_schedule(CONFIG)(step)) == pytest.approx(expected, rel=1e-6, abs=1e-12)
     assert from_config(CONFIG)(step) == expected
@@ -39,10 +47,74 @@ def test_no_warmup_starts_at_the_peak():
 
 
 def test_weight_decay_skips_norms_and_biases_only():
-    assert not decays("layers.0.input_layernorm.scale")
+    assert not decays("model.layers.0.input_layernorm.weight")  # HF names (the twin's)
+    assert not decays("model.norm.weight")
+    assert decays("model.embed_tokens.weight") and decays("lm_head.weight")
+    assert decays("model.layers.3.self_attn.o_proj.weight")
+    assert not decays("layers.0.input_layernorm.scale")  # the JAX model's paths
     assert not decays("layers.post_attention_layernorm.scale")
     assert not decays("norm.scale")
     assert not decays("layers.0.self_attn.q_proj.bias")
     assert decays("embed_tokens.embedding")
     assert decays("lm_head.kernel")
     assert decays("layers.0.mlp.down_proj.kernel")
+
+
+SHAPES = {"linear": lambda p: 1 - p, "cosine": lambda p: (1 + math.cos(math.pi * p)) / 2,
+          "1-sqrt": lambda p: 1 - math.sqrt(p)}
+WSD = CONFIG.replace(steps=40, warmup_steps=5, schedule="wsd", decay_steps=12, min_lr_ratio=0.1)
+
+
+def wsd_formula(s: int, config: TrainConfig) -> float:
+    """The issue's words: warmup peak x s / warmup_steps, the peak until steps - decay_steps, then
+    peak x (r + (1 - r) x f(p))."""
+    peak, r = config.lr, config.min_lr_ratio
+    if s < config.warmup_steps:
+        return peak * s / config.warmup_steps
+    if s <= config.steps - config.decay_steps:
+        return peak
+    p = (s - (config.steps - config.decay_steps)) / config.decay_steps
+    return peak * (r + (1 - r) * SHAPES[config.decay_shape](p))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_wsd_equals_its_formula_at_every_step_host_and_traced(shape):
+    config = WSD.replace(decay_shape=shape)
+    want = np.array([wsd_formula(s, config) for s in range(config.steps + 1)])
+    host = np.array([from_config(config)(s) for s in range(config.steps + 1)])
+    traced = np.asarray(jax.jit(jax.vmap(learning_rate_schedule(config)))(jnp.arange(config.steps + 1)))
+    np.testing.assert_allclose(host, want, rtol=1e-12, atol=1e-18)
+    np.testing.assert_allclose(traced, want, rtol=1e-6, atol=1e-12)
+    assert host[5:29].tolist() == [5e-4] * 24 and host[40] == pytest.approx(5e-5)  # stable, floor
+
+
+def test_cosine_clamped_equals_its_formula_at_every_step_host_and_traced():
+    config = CONFIG.replace(steps=60, warmup_steps=7)
+    want = [5e-4 * s / 7 if s < 7 else 5e-4 * max(0.1, 0.5 * (1 + math.cos(math.pi * (s - 7) / 53)))
+            for s in range(60)]
+    traced = np.asarray(jax.jit(jax.vmap(learning_rate_schedule(config)))(jnp.arange(60)))
+    np.testing.assert_allclose([from_config(config)(s) for s in range(60)], want, rtol=1e-12)
+    np.testing.assert_allclose(traced, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("stop", [5, 17, 28])
+def test_a_wsd_run_stopped_in_its_stable_phase_decays_from_there(stop):
+    """Resumed from step `stop` with steps = stop + decay_steps: every step already taken had the
+    lr it had, and the decay that follows is the planned decay, moved to start at `stop`."""
+    planned = from_config(WSD)
+    early = from_config(WSD.replace(steps=stop + WSD.decay_steps))
+    assert [early(s) for s in range(stop + 1)] == [planned(s) for s in range(stop + 1)]
+    start = WSD.steps - WSD.decay_steps
+    assert [early(stop + k) for k in range(WSD.decay_steps + 1)] == \
+        [planned(start + k) for k in range(WSD.decay_steps + 1)]
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(schedule="wsd"), "decay_steps = 0 is impossible for schedule = 'wsd'; expected 1 to"),
+    (dict(schedule="wsd", decay_steps=950), "expected 1 to steps - warmup_steps = 900"),
+    (dict(schedule="linear"), "schedule = 'linear'; expected one of cosine_clamped, wsd"),
+    (dict(schedule="wsd", decay_steps=10, decay_shape="sqrt"), "decay_shape = 'sqrt'; expected one of"),
+])
+def test_impossible_schedules_are_refused_naming_the_key(changes, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        CONFIG.replace(**changes)
