@@ -1,5 +1,6 @@
 """The training config both trainers read, the run directory's resume check, and the metrics log."""
 import json
+import re
 
 import pytest
 
@@ -21,6 +22,26 @@ def test_hammerllm_recipe_is_the_recipe_it_trained_with():
     model = ModelConfig.from_hf((REPO_CONFIGS.parent / c.model))
     assert c.batch_size * model.max_position_embeddings == 2 * 2**20
     assert load_train_config(REPO_CONFIGS / "tiny.toml").steps > 0
+    # Nothing beyond the recipe is on unless asked for.
+    assert (c.schedule, c.z_loss, c.document_mask, c.spike_skip) == ("cosine_clamped", 0.0, False, False)
+
+
+def test_the_small_config_beyond_the_recipe_turns_every_such_key_on():
+    c = load_train_config(REPO_CONFIGS / "tiny-beyond.toml")
+    assert (c.schedule, c.decay_steps, c.decay_shape) == ("wsd", 50, "1-sqrt")
+    assert (c.z_loss, c.document_mask, c.spike_skip, c.spike_window) == (1e-4, True, True, 32)
+    assert c.model == load_train_config(REPO_CONFIGS / "tiny.toml").model
+
+
+@pytest.mark.parametrize("override, message", [
+    ("z_loss=-1e-4", "z_loss = -0.0001 is impossible; expected >= 0 (0: off)"),
+    ("spike_window=1", "spike_window = 1 is impossible; expected >= 2"),
+    ("spike_sigmas=0", "spike_sigmas = 0.0 is impossible; expected > 0"),
+    ("document_mask=1", "document_mask = 1 has the wrong type; expected true or false"),
+])
+def test_keys_beyond_the_recipe_refuse_impossible_values_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_train_config(None, [*BASE, override])
 
 
 def test_overrides_are_toml_values_or_bare_strings_and_reach_nested_tables():
