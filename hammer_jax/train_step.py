@@ -7,6 +7,11 @@ takes the global batch [batch_size, seq], splits it into `grad_accum` micro-batc
 over them, summing float32 gradients, so the loss and the update are those of the whole batch
 whatever the split. Micro-batch a holds rows a, a + A, a + 2A..., so that each device's rows stay
 on it. The state is donated: the update is written over the old state.
+
+The objective is the mean cross-entropy plus, with `z_loss`, the z-loss term; both are reported
+apart. With document masking the batch carries each row's segment ids and positions beside its
+ids. The optimizer (`hammer_jax.optimizer`) is handed the step count, its learning rate being the
+schedule at that step, and the objective, which spike skipping reads.
 """
 from __future__ import annotations
 

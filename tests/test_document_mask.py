@@ -51,10 +51,11 @@ def test_a_model_without_bos_cannot_mask_documents():
         document_bos(True, None)
 
 
-@pytest.mark.parametrize("impl", ["xla", "reference"])
-def test_jax_logits_of_a_packed_document_equal_the_document_alone(packed, impl):
+@pytest.mark.parametrize("impl, scan", [("xla", False), ("reference", False), ("xla", True)])
+def test_jax_logits_of_a_packed_document_equal_the_document_alone(packed, impl, scan):
     tensors, rows, b, where = packed
-    model = model_from_params(CONFIG, convert.hf_to_jax(tensors, CONFIG), attention_impl=impl)
+    params = convert.layer_layout(convert.hf_to_jax(tensors, CONFIG), CONFIG, stacked=scan)
+    model = model_from_params(CONFIG, params, attention_impl=impl, scan_layers=scan, remat="full" if scan else "none")
     segments, positions = documents(rows, BOS)
     masked = np.asarray(model.head(model.features(jnp.asarray(rows), jnp.asarray(segments),
                                                   jnp.asarray(positions))))
