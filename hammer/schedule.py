@@ -16,7 +16,7 @@ optax's `warmup_cosine_decay_schedule`, which rescales the cosine to end at the 
 
 A WSD run's stable phase depends on `steps` only through where the decay starts, so a run stopped
 at a checkpoint of step S of its stable phase decays from there when resumed with
-steps = S + decay_steps. Denominators are taken as at least 1 (HF's convention), so a run without
+steps = S + decay_steps: `history_agrees` says that such a change leaves every step taken as it was. Denominators are taken as at least 1 (HF's convention), so a run without
 warmup or decay is defined.
 
 The formula is written with array functions of `xp` and no branches: numpy on the host (the torch
@@ -60,12 +60,21 @@ def _decay(p, shape: str, xp):
     raise ValueError(f"decay_shape {shape!r} is not one of {', '.join(DECAY_SHAPES)}")
 
 
+def history_agrees(old, new, step: int) -> bool:
+    """Whether two `TrainConfig`s gave every update before `step` the same learning rate: what a
+    resume from a checkpoint of step `step` with changed schedule keys (say, `steps` for a WSD run
+    stopped in its stable phase) needs for the run so far to stay the run it was."""
+    steps = np.arange(step)
+    return bool(np.array_equal(from_config(old)(steps), from_config(new)(steps)))
+
+
 def from_config(config, xp=np) -> Callable:
-    """`learning_rate` of a `TrainConfig`'s keys: step -> lr. With numpy a Python float."""
+    """`learning_rate` of a `TrainConfig`'s keys: step -> lr (steps -> lrs for an array of them).
+    With numpy, a step's lr is a Python float."""
     def schedule(step):
         lr = learning_rate(step, peak=config.lr, warmup_steps=config.warmup_steps,
                            total_steps=config.steps, min_lr_ratio=config.min_lr_ratio,
                            schedule=config.schedule, decay_steps=config.decay_steps,
                            decay_shape=config.decay_shape, xp=xp)
-        return float(lr) if xp is np else lr
+        return float(lr) if xp is np and np.ndim(lr) == 0 else lr
     return schedule

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hammer.config import ConfigError
-from hammer.schedule import from_config, learning_rate
+from hammer.schedule import from_config, history_agrees, learning_rate
 from hammer.train_config import TrainConfig
 from hammer.weight_decay import decays
 from hammer_jax.optimizer import learning_rate_schedule
@@ -107,6 +107,14 @@ def test_a_wsd_run_stopped_in_its_stable_phase_decays_from_there(stop):
     start = WSD.steps - WSD.decay_steps
     assert [early(stop + k) for k in range(WSD.decay_steps + 1)] == \
         [planned(start + k) for k in range(WSD.decay_steps + 1)]
+    assert history_agrees(WSD, WSD.replace(steps=stop + WSD.decay_steps), stop + 1)
+
+
+def test_history_agrees_only_where_every_step_taken_kept_its_lr():
+    assert not history_agrees(WSD, WSD.replace(steps=30), 20)  # 20 steps; 30 - 12 = 18 decayed
+    assert history_agrees(WSD, WSD.replace(steps=30), 19)
+    assert not history_agrees(CONFIG, CONFIG.replace(steps=2000), 150)  # the cosine's horizon moves
+    assert history_agrees(CONFIG, CONFIG.replace(steps=2000), 100)  # warmup alone
 
 
 @pytest.mark.parametrize("changes, message", [
