@@ -11,6 +11,10 @@ rotate_half layout, so no q/k permutation exists anywhere. With `scan_layers=Tru
 layers are one module with stacked parameters (leading "layers" axis), run with `nnx.scan`:
 one compiled layer instead of `num_layers`, the usual choice for deep models on TPU.
 
+Packed documents (`features(ids, segment_ids, positions)`): every kernel keeps a token's attention
+inside its document, XLA and the reference by a mask, cuDNN by the same mask taken as a bias beside
+its causal one, splash by its segment ids; RoPE then reads each row's own positions.
+
 The embedding and the head hold `padded_vocab_size(vocab_size, vocab_multiple)` rows (MaxText's
 padding: 105789 -> 105856 for 128), so the vocabulary axis divides over the tensor axis of a mesh
 instead of being replicated. The padded rows start at zero and `head` slices them off the logits,
