@@ -16,6 +16,7 @@ other (`check_inputs`, `check_init`) and turn SIGTERM into a flag the loop reads
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import signal
@@ -33,7 +34,14 @@ TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
 # Keys whose change would make the resumed run another run (the model and data are compared whole).
 FROZEN_KEYS = ("backend", "batch_size", "grad_accum", "seed", "lr", "warmup_steps", "min_lr_ratio",
-               "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm", "dtype")
+               "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm", "dtype",
+               # Beyond the recipe: what is computed, and (spike_skip) the optimizer state's layout.
+               # decay_steps moves with steps: hammer.schedule.history_agrees says when they may.
+               "schedule", "decay_shape", "z_loss", "document_mask", "spike_skip", "spike_sigmas",
+               "spike_window")
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def data_fingerprint(mixture) -> dict[str, Any]:
@@ -58,10 +66,12 @@ def open_run(config: TrainConfig, model: ModelConfig, data: dict[str, Any], *, w
     file = run / RUN_FILE
     if file.is_file():
         old = json.loads(file.read_text())
-        differ = [k for k in FROZEN_KEYS if old["config"].get(k) != record["config"][k]]
+        # A key the run's record lacks was made before the key existed: it had the default.
+        before = {k: old["config"].get(k, _DEFAULTS.get(k)) for k in FROZEN_KEYS}
+        differ = [k for k in FROZEN_KEYS if before[k] != record["config"][k]]
         differ += [k for k in ("model", "data") if old.get(k) != record[k]]
         if differ:
-            detail = "; ".join(f"{k}: {old['config'].get(k)!r} -> {record['config'][k]!r}"
+            detail = "; ".join(f"{k}: {before[k]!r} -> {record['config'][k]!r}"
                                for k in differ if k in FROZEN_KEYS)
             raise ConfigError(
                 f"{run} holds a run with another {', '.join(differ)}" + (f" ({detail})" if detail else "")

@@ -124,6 +124,17 @@ def test_a_rerun_with_another_model_data_or_batch_layout_is_refused(tmp_path):
         open_run(c, ModelConfig.from_hf(REPO_CONFIGS / "tiny.json").replace(num_layers=3), {"tokenizer": "t"})
 
 
+def test_a_rerun_that_turns_a_key_beyond_the_recipe_on_is_refused_and_older_runs_resume(tmp_path):
+    run = _open(tmp_path)
+    with pytest.raises(ConfigError, match=r"another z_loss, spike_skip \(z_loss: 0.0 -> 0.0001; spike_skip: False -> True\)"):
+        _open(tmp_path, "z_loss=1e-4", "spike_skip=true")
+    record = json.loads((run / RUN_FILE).read_text())
+    for key in ("schedule", "z_loss", "document_mask", "spike_skip", "spike_window"):
+        del record["config"][key]  # a run made before these keys existed
+    (run / RUN_FILE).write_text(json.dumps(record))
+    _open(tmp_path)
+
+
 def test_a_directory_that_is_not_a_run_is_never_written_into(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")
