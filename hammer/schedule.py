@@ -39,7 +39,8 @@ def learning_rate(step, *, peak: float, warmup_steps: int, total_steps: int, min
     s = xp.asarray(step, dtype=xp.float32 if xp is not np else np.float64)
     warm = peak * s / max(1, warmup_steps)
     if schedule == "cosine_clamped":
-        progress = (s - warmup_steps) / max(1, total_steps - warmup_steps)
+        # past the horizon (a run trained beyond its schedule) the lr stays at the cosine's end
+        progress = xp.minimum(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
         after = peak * xp.maximum(min_lr_ratio, 0.5 * (1.0 + xp.cos(np.pi * progress)))
     elif schedule == "wsd":
         p = xp.clip((s - (total_steps - decay_steps)) / max(1, decay_steps), 0.0, 1.0)

@@ -38,6 +38,7 @@ def test_the_points_are_what_they_claim():
     assert formula(550) == pytest.approx(2.5e-4)  # the cosine halfway
     assert formula(FLOOR_STEP - 1) > 5e-5 and formula(FLOOR_STEP) == pytest.approx(5e-5)
     assert formula(999) == pytest.approx(5e-5)  # clamped, not rescaled to end at the floor
+    assert formula(1200) == pytest.approx(5e-5)  # past the horizon: the cosine's end, not its return
 
 
 def test_no_warmup_starts_at_the_peak():
