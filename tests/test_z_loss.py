@@ -36,6 +36,7 @@ def chunked_objective(model, ids, chunk_tokens):
     return (nll + WEIGHT * z) / count, (nll / count, z / count)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_tokens", [7, 10_000])
 def test_jax_z_loss_and_its_gradients_equal_autodiff_of_the_unchunked_formula(chunk_tokens):
     model = Llama(CONFIG, rngs=nnx.Rngs(0))
