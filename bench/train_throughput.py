@@ -126,7 +126,7 @@ def torch_trainer(args, config: ModelConfig) -> dict:
         step_fn = train_step.build(train, Llama(config), device)
 
         def step(batch):
-            loss, _ = step_fn(torch.from_numpy(batch.astype(np.int64)).to(device), train.lr)
+            loss, _, _ = step_fn(torch.from_numpy(batch.astype(np.int64)).to(device), train.lr)
             loss.item()
 
         if device.type == "cuda":

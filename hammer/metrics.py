@@ -66,12 +66,11 @@ def check_finite(step: int, **values: float) -> None:
 
 class TrainMeter:
     """The train record of the steps since the previous one, the same on both backends: the mean
-    of each loss, the count of each counter, the last update's lr and grad norm, tokens so far,
+    of each loss, the last update's lr, grad norm and counts, tokens so far,
     speed and MFU. Time is the loop's wall time between reads of the device (data loading, which
     overlaps the device's work, included; evaluation and checkpoints not)."""
 
-    MEAN_KEYS = ("loss", "z_loss")
-    SUM_KEYS = ("skipped",)
+    MEAN_KEYS = ("loss", "z_loss")  # the others are the last step's ("skipped": so far)
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, devices: int, peak: float | None):
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
@@ -89,8 +88,7 @@ class TrainMeter:
         record: dict[str, Any] = {"step": step, "kind": "train"}
         for key in self.steps[-1]:
             values = [s[key] for s in self.steps]
-            record[key] = (sum(values) / n if key in self.MEAN_KEYS else
-                           sum(values) if key in self.SUM_KEYS else values[-1])
+            record[key] = sum(values) / n if key in self.MEAN_KEYS else values[-1]
         record.update({"tokens": step * self.tokens_per_step, "tokens_per_s": tokens_per_s,
                        "tokens_per_s_per_device": tokens_per_s / self.devices,
                        "step_time": self.seconds / n,

@@ -28,6 +28,7 @@ from hammer.config import ConfigError, ModelConfig
 from hammer.errors import HammerError
 from hammer.data.prepare import INDEX_FILE
 from hammer.fsio import atomic_file
+from hammer.schedule import history_agrees
 from hammer.train_config import TrainConfig, from_dict
 
 RUN_FILE = "run.json"
@@ -45,12 +46,17 @@ FROZEN_KEYS = (
     "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm",  # the update rule
     "dtype",  # the computed numbers
     "scan_layers",  # the checkpoints hold the layers stacked or apart, and the init differs
+    "schedule",  # the shape of the lr over the whole run
+    "z_loss", "document_mask",  # the objective and what attends to what
+    "spike_skip", "spike_sigmas", "spike_window",  # which steps apply, and the optimizer state's layout
 )
 FREE_KEYS = (
     "model", "data",  # compared whole, as the config.json and the data's fingerprint
     "output",  # the run directory itself
     "steps",  # how long to train; the schedule's horizon may not follow it silently (below)
     "schedule_steps",  # an explicit new horizon is the user's choice; the lr before/after is printed
+    "decay_steps", "decay_shape",  # wsd: may change while every step trained keeps its lr (a run
+                                   # stopped in its stable phase decays from there)
     "skip_data",  # may gain ranges after the checkpoint, never lose one (the data order so far)
     "init",  # read when a run starts, not on resume
     "tokenizer", "validation",  # what is saved beside checkpoints and what is measured
@@ -95,10 +101,12 @@ def open_run(config: TrainConfig, model: ModelConfig, data: dict[str, Any], *, w
     file = run / RUN_FILE
     if file.is_file():
         old = json.loads(file.read_text())
-        differ = [k for k in FROZEN_KEYS if old["config"].get(k) != record["config"][k]]
+        # read as a config: a key the record lacks was made before the key existed, at its default
+        before = previous_config(run).to_dict()
+        differ = [k for k in FROZEN_KEYS if before[k] != record["config"][k]]
         differ += [k for k in ("model", "data") if old.get(k) != record[k]]
         if differ:
-            detail = "; ".join(f"{k}: {old['config'].get(k)!r} -> {record['config'][k]!r}"
+            detail = "; ".join(f"{k}: {before[k]!r} -> {record['config'][k]!r}"
                                for k in differ if k in FROZEN_KEYS)
             raise ConfigError(
                 f"{run} holds a run with another {', '.join(differ)}" + (f" ({detail})" if detail else "")
@@ -118,6 +126,12 @@ def _check_resume(run: Path, old: TrainConfig, new: TrainConfig, trained: int) -
     if new.steps < trained:
         raise ConfigError(f"steps = {new.steps}, but {run} has trained {trained} steps already "
                           f"(its newest checkpoint); raise steps, or choose a new output directory")
+    if (new.decay_steps, new.decay_shape) != (old.decay_steps, old.decay_shape) \
+            and not history_agrees(old, new, trained):
+        raise ConfigError(f"decay_steps/decay_shape {old.decay_steps}/{old.decay_shape} -> "
+                          f"{new.decay_steps}/{new.decay_shape} would change the lr of steps "
+                          f"{run} has trained already; change them only while every trained step "
+                          f"keeps its lr (in the stable phase)")
     if not new.schedule_steps and new.horizon != old.horizon:
         raise ConfigError(
             f"steps {old.steps} -> {new.steps} would move the learning-rate schedule's horizon from "

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from hammer.config import ConfigError, ModelConfig
+from hammer.schedule import DECAY_SHAPES, SCHEDULES
 
 BACKENDS = ("jax", "torch")
 DTYPES = ("bfloat16", "float32")
@@ -130,6 +131,15 @@ class TrainConfig:
     # [first, last] step ranges (1-based, inclusive) of the data order whose batches are never
     # trained on: a diverged run resumes past the batches that made it diverge.
     skip_data: tuple[tuple[int, ...], ...] = ()
+    # Beyond HammerLLM's recipe, each off by default.
+    schedule: str = "cosine_clamped"  # or "wsd": warmup, stable, decay (hammer.schedule)
+    decay_steps: int = 0  # wsd: the final steps over which the lr decays to min_lr_ratio
+    decay_shape: str = "linear"  # wsd: linear, cosine or 1-sqrt
+    z_loss: float = 0.0  # weight of PaLM's z-loss, mean(logsumexp(logits)^2), in the objective
+    document_mask: bool = False  # attention and RoPE positions restart at each [BOS] of a block
+    spike_skip: bool = False  # a step whose loss spikes leaves params and optimizer state unchanged
+    spike_sigmas: float = 6.0  # spike: loss above mean + spike_sigmas * std of the window
+    spike_window: int = 128  # the losses of the last applied steps that mean and std are of
     dtype: str = "bfloat16"  # compute dtype; master weights and optimizer state stay float32
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -192,14 +202,23 @@ class TrainConfig:
             ("eval_tasks_limit", self.eval_tasks_limit >= 0, ">= 0 (0: every document)"),
             ("loss_chunk", self.loss_chunk >= 1, ">= 1"),
             ("peak_flops", self.peak_flops >= 0, ">= 0 (0: from the device table)"),
+            ("decay_steps", self.decay_steps >= 0, ">= 0"),
+            ("z_loss", self.z_loss >= 0, ">= 0 (0: off)"),
+            ("spike_sigmas", self.spike_sigmas > 0, "> 0"),
+            ("spike_window", self.spike_window >= 2, ">= 2 (a standard deviation needs two losses)"),
         ]
         for key, holds, expected in checks:
             if not holds:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} is impossible; expected {expected}")
-        choices = {"backend": BACKENDS, "dtype": DTYPES, "remat": REMAT_POLICIES, "compile": COMPILE_MODES}
+        choices = {"backend": BACKENDS, "dtype": DTYPES, "remat": REMAT_POLICIES, "compile": COMPILE_MODES,
+                   "schedule": SCHEDULES, "decay_shape": DECAY_SHAPES}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} = {getattr(self, key)!r}; expected one of {', '.join(allowed)}")
+        if self.schedule == "wsd" and not 1 <= self.decay_steps <= self.horizon - self.warmup_steps:
+            raise ConfigError(f"decay_steps = {self.decay_steps} is impossible for schedule = 'wsd'; "
+                              f"expected 1 to the horizon (schedule_steps or steps) - warmup_steps = "
+                              f"{self.horizon - self.warmup_steps}")
         if self.grad_accum != "auto" and self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size {self.batch_size} is not divisible by grad_accum "
                               f"{self.grad_accum}: every micro-batch must hold the same sequences")
@@ -286,7 +305,7 @@ def from_dict(values: Mapping[str, Any]) -> TrainConfig:
         values["skip_data"] = tuple(tuple(r) for r in values["skip_data"])
     values["validation"] = dict(values.get("validation", {}))
     for key in ("lr", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
-                "max_grad_norm", "peak_flops", "memory_limit_gb"):
+                "max_grad_norm", "peak_flops", "memory_limit_gb", "z_loss", "spike_sigmas"):
         if key in values:
             values[key] = float(values[key])
     return TrainConfig(**values, **tables)

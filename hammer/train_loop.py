@@ -111,7 +111,8 @@ def train_loop(config: TrainConfig, trainer: Trainer, loader: Loader, *, start: 
                 continue
             values = trainer.read([out for out, _ in pending])
             for i, (v, (_, lr)) in enumerate(zip(values, pending)):
-                check_finite(done - len(values) + 1 + i, loss=v["loss"], grad_norm=v["grad_norm"])
+                if not config.spike_skip:  # with it, a non-finite step was skipped: nothing changed
+                    check_finite(done - len(values) + 1 + i, loss=v["loss"], grad_norm=v["grad_norm"])
                 v["lr"] = lr
             meter.add(values, time.perf_counter() - began)
             pending = []

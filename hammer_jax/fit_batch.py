@@ -53,5 +53,8 @@ def fit_grad_accum(compile_step: Callable[[int], object], batch_size: int, shard
                       f"({'; '.join(tried)}); lower batch_size or seq, add devices or remat")
 
 
-def abstract_batch(sharding, rows: int, block_size: int) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct((rows, block_size), jnp.int32, sharding=sharding)
+def abstract_batch(sharding, rows: int, block_size: int, bos: int | None = None):
+    """The train step's batch as shapes: the ids, with their segment ids and positions when
+    documents are masked (`bos` set)."""
+    ids = jax.ShapeDtypeStruct((rows, block_size), jnp.int32, sharding=sharding)
+    return ids if bos is None else (ids, ids, ids)

@@ -13,12 +13,16 @@ import jax
 import jax.numpy as jnp
 
 
-def nll_sum(model, input_ids, chunk_tokens: int, batch_shards: int = 1):
-    """(sum of next-token NLL in float32, number of predicted tokens) of `input_ids` [b, s].
+def loss_sums(model, input_ids, chunk_tokens: int, batch_shards: int = 1, segment_ids=None,
+              positions=None):
+    """(sum of next-token NLL, sum of logsumexp(logits)^2, number of predicted tokens) of
+    `input_ids` [b, s], the sums in float32. The second is what PaLM's z-loss averages; it
+    comes from the same chunk's logits as the NLL. Packed documents: `segment_ids`, `positions`
+    [b, s] as `Llama.features` takes them.
 
     A chunk covers all rows and `chunk_tokens // rows per device` positions, so that each device
     holds about `chunk_tokens` tokens' logits at once whatever the batch sharding."""
-    hidden = model.features(input_ids)[:, :-1]  # [b, n, embed]
+    hidden = model.features(input_ids, segment_ids, positions)[:, :-1]  # [b, n, embed]
     targets = input_ids[:, 1:]
     b, n, e = hidden.shape
     rows = max(1, b // batch_shards)
@@ -29,16 +33,23 @@ def nll_sum(model, input_ids, chunk_tokens: int, batch_shards: int = 1):
     valid = (jnp.arange(n + pad) < n).reshape(-1, chunk)
 
     @jax.checkpoint
-    def chunk_nll(h, t, v):
+    def chunk_sums(h, t, v):
         logits = model.head(h).astype(jnp.float32)  # [b, chunk, vocab]
         picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        return jnp.sum(jnp.where(v, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0))
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return jnp.stack([jnp.sum(jnp.where(v, lse - picked, 0.0)), jnp.sum(jnp.where(v, lse * lse, 0.0))])
 
     def body(total, xs):
-        return total + chunk_nll(*xs), None
+        return total + chunk_sums(*xs), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, valid))
-    return total, b * n
+    total, _ = jax.lax.scan(body, jnp.zeros((2,), jnp.float32), (hidden, targets, valid))
+    return total[0], total[1], b * n
+
+
+def nll_sum(model, input_ids, chunk_tokens: int, batch_shards: int = 1):
+    """(sum of next-token NLL in float32, number of predicted tokens) of `input_ids` [b, s]."""
+    nll, _, count = loss_sums(model, input_ids, chunk_tokens, batch_shards)
+    return nll, count
 
 
 def reference_nll_sum(model, input_ids):

@@ -11,6 +11,10 @@ rotate_half layout, so no q/k permutation exists anywhere. With `scan_layers=Tru
 layers are one module with stacked parameters (leading "layers" axis), run with `nnx.scan`:
 one compiled layer instead of `num_layers`, the usual choice for deep models on TPU.
 
+Packed documents (`features(ids, segment_ids, positions)`): every kernel keeps a token's attention
+inside its document, XLA and the reference by a mask, cuDNN by the same mask taken as a bias beside
+its causal one, splash by its segment ids; RoPE then reads each row's own positions.
+
 The embedding and the head hold `padded_vocab_size(vocab_size, vocab_multiple)` rows (MaxText's
 padding: 105789 -> 105856 for 128), so the vocabulary axis divides over the tensor axis of a mesh
 instead of being replicated. The padded rows start at zero and `head` slices them off the logits,
@@ -72,16 +76,29 @@ def default_attention_impl(dtype) -> str:
     return "xla"
 
 
-def attention(q, k, v, mask, impl: str):
+def attention(q, k, v, mask, impl: str, segment_ids=None):
     """q [b, t, heads, d], k/v [b, s, kv_heads, d] -> [b, t, heads, d]; grouped-query heads
-    share K/V without copies. mask [t, s] (True = attend) or None for causal with t == s."""
+    share K/V without copies. mask [t, s] (True = attend) or None for causal with t == s.
+    segment_ids [b, t] (causal self-attention): a query attends only to keys of its segment."""
     if impl == "reference":
+        if segment_ids is not None:
+            mask = jnp.tril(segment_ids[:, :, None] == segment_ids[:, None, :])
         return reference_attention(q, k, v, mask)
     if impl == "splash" and mask is None:
         from hammer_jax.splash import splash_attention  # Pallas is imported only when used
 
         # Per shard of the mesh in context; Pallas interprets the kernel off TPU.
-        return splash_attention(q, k, v, interpret=jax.default_backend() != "tpu")
+        return splash_attention(q, k, v, segment_ids=segment_ids,
+                                interpret=jax.default_backend() != "tpu")
+    if segment_ids is not None:
+        def within_segments(q, k, v, ids):  # cuDNN takes the mask as a bias beside its causal one
+            same = ids[:, None, :, None] == ids[:, None, None, :]  # [b, 1, t, s]
+            return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True,
+                                                implementation=impl)
+
+        if impl == "cudnn":
+            return per_shard(within_segments, q, k, v, segment_ids=segment_ids)
+        return within_segments(q, k, v, segment_ids)
     if impl == "cudnn" and mask is None:
         return per_shard(functools.partial(jax.nn.dot_product_attention, is_causal=True,
                                            implementation="cudnn"), q, k, v)
@@ -95,6 +112,8 @@ def reference_attention(q, k, v, mask):
     """Plain einsum softmax attention in float32, the yardstick for the kernels."""
     b, t, heads, d = q.shape
     kv_heads = k.shape[2]
+    if mask is not None and mask.ndim == 3:  # one mask per batch row: [b, t, s]
+        mask = mask[:, None, None]
     q = q.reshape(b, t, kv_heads, heads // kv_heads, d).astype(jnp.float32)
     logits = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(jnp.float32)) / jnp.sqrt(d)
     if mask is None:
@@ -105,9 +124,10 @@ def reference_attention(q, k, v, mask):
 
 
 def rope(positions, head_dim: int, theta: float):
-    """cos, sin [t, head_dim] in float32, HF's layout: frequencies repeated over both halves."""
+    """cos, sin [..., t, head_dim] of positions [..., t] ([t], or [b, t] with a row's own) in
+    float32, HF's layout: frequencies repeated over both halves."""
     inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
@@ -117,7 +137,7 @@ def apply_rope(x, cos, sin):
     xf = x.astype(jnp.float32)
     x1, x2 = jnp.split(xf, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (xf * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
+    return (xf * cos[..., None, :] + rotated * sin[..., None, :]).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -160,14 +180,15 @@ class Attention(nnx.Module):
         self.o_proj = proj("bshd,ehd->bse", (e, h, d), ("embed", "heads", "head_dim"))
         self.impl = impl
 
-    def __call__(self, x, cos, sin, cache: KVCache | None = None, layer=None):
+    def __call__(self, x, cos, sin, cache: KVCache | None = None, layer=None, segment_ids=None):
         """x [b, t, embed]. With a cache, the t new tokens sit at positions cache.length.., are
-        written into layer `layer` of it and attend to everything that layer holds."""
+        written into layer `layer` of it and attend to everything that layer holds. With
+        segment_ids [b, t] (no cache), tokens attend within their segment only."""
         q = apply_rope(self.q_proj(x), cos, sin)
         k = apply_rope(self.k_proj(x), cos, sin)
         v = self.v_proj(x)
         if cache is None:
-            return self.o_proj(attention(q, k, v, None, self.impl)), None
+            return self.o_proj(attention(q, k, v, None, self.impl, segment_ids)), None
         # Written straight into the stacked buffers: slicing a layer out and setting it back
         # would copy that layer's whole cache on every step (decoding 5x slower on CPU, measured).
         start = (layer, 0, cache.length, 0, 0)
@@ -205,8 +226,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = norm()
         self.mlp = MLP(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x, cos, sin, cache: KVCache | None = None, layer=None):
-        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+    def __call__(self, x, cos, sin, cache: KVCache | None = None, layer=None, segment_ids=None):
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, segment_ids)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -249,9 +270,13 @@ class Llama(nnx.Module):
     def __call__(self, input_ids):
         return self.head(self.features(input_ids))
 
-    def features(self, input_ids):
-        """[b, s] -> final-norm hidden states [b, s, embed]."""
-        x, _ = self._decoder(input_ids, jnp.arange(input_ids.shape[1]), None)
+    def features(self, input_ids, segment_ids=None, positions=None):
+        """[b, s] -> final-norm hidden states [b, s, embed]. Packed documents: with
+        segment_ids and positions [b, s] (`hammer.data.loader.documents`), each token attends
+        only to its own document, at RoPE positions that restart with it."""
+        if positions is None:
+            positions = jnp.arange(input_ids.shape[1])
+        x, _ = self._decoder(input_ids, positions, None, segment_ids)
         return x
 
     def head(self, features):
@@ -287,12 +312,12 @@ class Llama(nnx.Module):
             return x
         return jnp.where((input_ids == pad)[..., None], jax.lax.stop_gradient(x), x)
 
-    def _decoder(self, input_ids, positions, cache: KVCache | None):
+    def _decoder(self, input_ids, positions, cache: KVCache | None, segment_ids=None):
         x = self.embed(input_ids)
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta)
 
         def step(layer, x, cache, i):
-            return layer(x, cos, sin, cache, i)
+            return layer(x, cos, sin, cache, i, segment_ids)
 
         if cache is None and self.remat != "none":  # training: a decoding step keeps nothing
             step = nnx.remat(step, policy=REMAT_POLICIES[self.remat])

@@ -24,13 +24,16 @@ BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
 
 
-def per_shard(kernel: Callable, q, k, v, mesh: Mesh | AbstractMesh | None = None):
+def per_shard(kernel: Callable, q, k, v, mesh: Mesh | AbstractMesh | None = None, *,
+              segment_ids=None):
     """`kernel(q, k, v)` on each shard of `mesh` (default: the one in context), q [b, t, heads, d],
-    k/v [b, s, kv_heads, d] -> [b, t, heads, d]."""
+    k/v [b, s, kv_heads, d] -> [b, t, heads, d]; with `segment_ids` [b, t],
+    `kernel(q, k, v, segment_ids)`, the ids split as the batch."""
+    args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids)
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return kernel(q, k, v)
+        return kernel(*args)
     batch_axes = tuple(axis for axis in BATCH_AXES if axis in mesh.shape)
     batch_shards = math.prod(mesh.shape[axis] for axis in batch_axes)
     if q.shape[0] % batch_shards:
@@ -39,10 +42,10 @@ def per_shard(kernel: Callable, q, k, v, mesh: Mesh | AbstractMesh | None = None
     head_shards = mesh.shape.get(HEAD_AXIS, 1)
     head_axis = HEAD_AXIS if head_shards > 1 and k.shape[2] % head_shards == 0 else None
     spec = PartitionSpec(batch_axes or None, None, head_axis, None)
+    specs = (spec, spec, spec, PartitionSpec(batch_axes or None, None))[:len(args)]
     if all(axis_type == AxisType.Explicit for axis_type in mesh.axis_types):
         # Explicit sharding is part of the type, which shard_map checks rather than converts.
-        q, k, v = (jax.reshard(x, NamedSharding(mesh, spec)) for x in (q, k, v))
+        args = tuple(jax.reshard(x, NamedSharding(mesh, s)) for x, s in zip(args, specs))
     # check_vma=False: a pallas_call (or cuDNN's custom call) declares no varying mesh axes.
-    local = jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                          check_vma=False)
-    return local(q, k, v)
+    local = jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)
+    return local(*args)

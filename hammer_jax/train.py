@@ -27,7 +27,8 @@ from flax import nnx
 
 import convert
 from hammer.config import ConfigError, ModelConfig
-from hammer.data.loader import Loader, LoaderState, eval_batches, mixture_from_specs, validation_sets
+from hammer.data.loader import (Loader, LoaderState, document_bos, eval_batches, mixture_from_specs,
+                                validation_sets)
 from hammer.metrics import TrainMeter, peak_flops
 from hammer.run import check_init, check_inputs, data_fingerprint, open_run, previous_config
 from hammer.train_config import TrainConfig
@@ -44,6 +45,7 @@ from hammer_jax.train_step import (
     init_state,
     make_eval_step,
     make_train_step,
+    place_batch,
     random_params,
     state_layout,
 )
@@ -58,6 +60,7 @@ def train(config: TrainConfig) -> Path:
     primary = jax.process_index() == 0
     model_config = config.model_config()
     model_options = model_options_of(config)
+    bos = document_bos(config.document_mask, model_config.bos_token_id)
     mesh = make_mesh(config.mesh)
     _check_batch_layout(config, batch_shards(mesh))
     mixture = mixture_from_specs(config.data)
@@ -94,7 +97,7 @@ def train(config: TrainConfig) -> Path:
         accum, compiled = fit_grad_accum(
             lambda accum: _compile_step(config.replace(grad_accum=accum), graphdef, tx, shardings,
                                         mesh, abstract, abstract_batch(to_device.sharding,
-                                                                       *to_device.shape)),
+                                                                       *to_device.shape, bos)),
             config.batch_size, batch_shards(mesh), device_limit(config.memory_limit_gb))
         config = config.replace(grad_accum=accum)
     if primary:
@@ -115,7 +118,7 @@ def train(config: TrainConfig) -> Path:
         loader.restore(LoaderState.from_dict(meta["loader"]))
 
     trainer = JaxTrainer(config, mesh, graphdef, tx, shardings, state, checkpoints, to_device,
-                         {"seed": config.seed, "data": fingerprint})
+                         {"seed": config.seed, "data": fingerprint}, bos)
     trainer.compile(loader.batch(loader.step), compiled)
     meter = TrainMeter(config.batch_size * mixture.block_size,
                        model_config.flops_per_token(mixture.block_size), jax.device_count(),
@@ -133,35 +136,39 @@ class JaxTrainer:
     orbax checkpoints."""
 
     def __init__(self, config: TrainConfig, mesh, graphdef, tx, shardings, state, checkpoints,
-                 to_device: BatchPlacer, meta: dict):
-        self.config, self.mesh, self.state = config, mesh, state
+                 to_device: BatchPlacer, meta: dict, bos: int | None):
+        self.config, self.mesh, self.state, self.bos = config, mesh, state, bos
         self.checkpoints, self.to_device, self.meta = checkpoints, to_device, meta
         self.primary, self.processes = jax.process_index() == 0, jax.process_count()
         self.graphdef = graphdef
         self.step_fn = make_train_step(graphdef, tx, shardings, mesh, grad_accum=config.grad_accum,
-                                       loss_chunk=config.loss_chunk)
+                                       loss_chunk=config.loss_chunk, z_loss=config.z_loss)
         self.eval_fn = make_eval_step(graphdef, shardings.params, mesh, loss_chunk=config.loss_chunk)
         self.compile_time = None
 
     def compile(self, rows: np.ndarray, compiled=None) -> None:
         """Compiles the step for the state and batches it will run on (`compiled`: already done)."""
         began = time.perf_counter()
-        self.step_fn = compiled or self.step_fn.lower(self.state, self.to_device(rows),
+        self.step_fn = compiled or self.step_fn.lower(self.state, self.batch(rows),
                                                       jnp.float32(0)).compile()
         self.compile_time = time.perf_counter() - began
 
     def step(self, rows: np.ndarray, lr: float):
-        self.state, out = self.step_fn(self.state, self.to_device(rows), jnp.float32(lr))
+        self.state, out = self.step_fn(self.state, self.batch(rows), jnp.float32(lr))
         return out
 
     def read(self, outputs: list) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in out.items()} for out in jax.device_get(outputs)]
 
+    def batch(self, rows: np.ndarray):
+        """The step's global batch from this process's rows (with their documents, when masked)."""
+        return place_batch(rows, self.to_device, self.bos)
+
     def eval_batches(self, dataset):
         place = BatchPlacer(self.mesh, self.config.eval_batch_size, dataset.block_size)
         for rows in eval_batches(dataset, self.config.eval_batch_size, rows=place.rows,
                                  drop_remainder=True):
-            yield place(rows)
+            yield place_batch(rows, place, self.bos)
 
     def eval_nll(self, batches) -> tuple[float, int]:
         total, count = jnp.zeros((), jnp.float32), 0
@@ -218,7 +225,7 @@ def model_options_of(config: TrainConfig) -> dict:
 
 def _compile_step(config: TrainConfig, graphdef, tx, shardings, mesh, abstract, batch):
     step = make_train_step(graphdef, tx, shardings, mesh, grad_accum=config.grad_accum,
-                           loss_chunk=config.loss_chunk)
+                           loss_chunk=config.loss_chunk, z_loss=config.z_loss)
     return step.lower(abstract, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
 
 

@@ -7,6 +7,11 @@ takes the global batch [batch_size, seq], splits it into `grad_accum` micro-batc
 over them, summing float32 gradients, so the loss and the update are those of the whole batch
 whatever the split. Micro-batch a holds rows a, a + A, a + 2A..., so that each device's rows stay
 on it. The state is donated: the update is written over the old state.
+
+The objective is the mean cross-entropy plus, with `z_loss`, the z-loss term; both are reported
+apart. With document masking the batch carries each row's segment ids and positions beside its
+ids. The optimizer (`hammer_jax.optimizer`) is handed the objective, which spike skipping reads;
+the learning rate comes with each call, the schedule's at that step (hammer.train_loop).
 """
 from __future__ import annotations
 
@@ -16,11 +21,14 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from hammer_jax.loss import nll_sum
+from hammer.data.loader import documents
+from hammer_jax.loss import loss_sums
+from hammer_jax.optimizer import SkipSpikesState
 
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both data-parallel mesh axes
 
@@ -101,39 +109,64 @@ def _under(mesh: Mesh) -> Callable:
     return wrap
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    shardings: TrainState, mesh: Mesh, *, grad_accum: int, loss_chunk: int
-                    ) -> Callable:
-    """jit(state, batch [B, S] int32, lr) -> (state, {"loss", "grad_norm"}); donates the state.
+def place_batch(rows: np.ndarray, place: Callable, bos_id: int | None):
+    """The step's batch from this process's `rows` of token ids: `place(rows)`, or with document
+    masking (`bos_id` set) the placed (ids, segment ids, positions)."""
+    if bos_id is None:
+        return place(rows)
+    return tuple(place(x) for x in (rows, *documents(rows, bos_id)))
 
-    `tx` updates at a learning rate of 1 (hammer_jax.optimizer); the step scales by `lr`, a
-    runtime float32 scalar, so the compiled step does not depend on the schedule."""
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtraArgs,
+                    shardings: TrainState, mesh: Mesh, *, grad_accum: int, loss_chunk: int,
+                    z_loss: float = 0.0) -> Callable:
+    """jit(state, batch, lr) -> (state, metrics); donates the state. `batch` is the token ids
+    [B, S] int32, or with document masking the tuple (ids, segment ids, positions), each [B, S]
+    (`hammer.data.loader.documents`). `tx` (`hammer_jax.optimizer.make_optimizer`) updates at a
+    learning rate of 1; the step scales by `lr`, a runtime float32 scalar, so the compiled step
+    does not depend on the schedule.
+
+    metrics: "loss" (the cross-entropy), "grad_norm" (before clipping); with z_loss > 0 also
+    "z_loss" (its term in the objective, z_loss * mean(logsumexp^2)); with spike skipping also
+    "skipped" (steps skipped so far, this one included)."""
     shards = batch_shards(mesh)
     micro_sharding = NamedSharding(mesh, P(None, BATCH_AXES, None))
 
-    def loss_fn(params, ids, tokens):
-        total, _ = nll_sum(nnx.merge(graphdef, params), ids, loss_chunk, shards)
-        return total / tokens
+    def loss_fn(params, micro, tokens):
+        ids, *documents = micro
+        nll, z, _ = loss_sums(nnx.merge(graphdef, params), ids, loss_chunk, shards, *documents)
+        objective = nll + z_loss * z if z_loss else nll
+        return objective / tokens, jnp.stack([nll, z_loss * z]) / tokens
 
     @_under(mesh)
     def step(state: TrainState, batch, lr):
-        rows, seq = batch.shape
+        batch = batch if isinstance(batch, tuple) else (batch,)
+        rows, seq = batch[0].shape
         tokens = rows * (seq - 1)  # every position of every block but its last predicts one
-        micro = batch.reshape(rows // grad_accum, grad_accum, seq).swapaxes(0, 1)
-        micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
-        grad_fn = jax.value_and_grad(loss_fn)
 
-        def accumulate(carry, ids):
-            loss, grads = carry
-            micro_loss, micro_grads = grad_fn(state.params, ids, tokens)
+        def split(x):
+            micro = x.reshape(rows // grad_accum, grad_accum, seq).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(micro, micro_sharding)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def accumulate(carry, micro):
+            terms, grads = carry
+            (_, micro_terms), micro_grads = grad_fn(state.params, micro, tokens)
             grads = jax.tree.map(jnp.add, grads, micro_grads)
-            return (loss + micro_loss, jax.lax.with_sharding_constraint(grads, shardings.params)), None
+            return (terms + micro_terms, jax.lax.with_sharding_constraint(grads, shardings.params)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        (terms, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((2,), jnp.float32), zeros),
+                                         tuple(map(split, batch)))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                       loss=terms[0] + terms[1])
         params = optax.apply_updates(state.params, optax.tree.scale(lr, updates))
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": terms[0], "grad_norm": optax.tree.norm(grads)}
+        if z_loss:
+            metrics["z_loss"] = terms[1]
+        if isinstance(opt_state, SkipSpikesState):
+            metrics["skipped"] = opt_state.skipped
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     replicated = NamedSharding(mesh, P())
@@ -143,12 +176,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 def make_eval_step(graphdef: nnx.GraphDef, param_shardings, mesh: Mesh, *, loss_chunk: int
                    ) -> Callable:
-    """jit(params, batch [B, S]) -> the float32 sum of the batch's next-token NLL."""
+    """jit(params, batch) -> the float32 sum of the batch's next-token NLL; `batch` as the train
+    step's (ids [B, S], or with document masking (ids, segment ids, positions))."""
     shards = batch_shards(mesh)
 
     @_under(mesh)
     def evaluate(params, batch):
-        return nll_sum(nnx.merge(graphdef, params), batch, loss_chunk, shards)[0]
+        ids, *documents = batch if isinstance(batch, tuple) else (batch,)
+        return loss_sums(nnx.merge(graphdef, params), ids, loss_chunk, shards, *documents)[0]
 
     return jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding(mesh)),
                    out_shardings=NamedSharding(mesh, P()))

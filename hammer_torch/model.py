@@ -28,10 +28,11 @@ class RMSNorm(nn.Module):
 
 
 def rope(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (T, D) in float32 for integer positions (T,), halves duplicated (rotate_half layout)."""
+    """cos, sin (..., T, D) in float32 for integer positions (T,) or (B, T), halves duplicated
+    (rotate_half layout)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
                                             device=positions.device) / head_dim)
-    angles = positions.float()[:, None] * inv_freq
+    angles = positions.float()[..., None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
 
@@ -41,7 +42,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x32 = x.float()
     x1, x2 = x32.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return (x32 * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+    return (x32 * cos[..., None, :] + rotated * sin[..., None, :]).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -55,7 +56,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str,
-                kv: tuple[torch.Tensor, torch.Tensor] | None, start: int) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor] | None, start: int,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
@@ -67,7 +69,7 @@ class Attention(nn.Module):
             cache_v[:, start:start + t] = v
             # A cache may be kept in a narrower dtype than the activations.
             k, v = cache_k[:, :start + t].to(q.dtype), cache_v[:, :start + t].to(q.dtype)
-        out = attention.attend(q, k, v, impl)  # (B, T, H, D)
+        out = attention.attend(q, k, v, impl, segment_ids)  # (B, T, H, D)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -91,8 +93,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, impl, kv, start)
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, impl, kv, start, segment_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -102,7 +105,7 @@ class Llama(nn.Module):
         if attn_impl not in ("auto", *attention.IMPLS):
             raise ValueError(f"attn_impl must be one of auto, {', '.join(attention.IMPLS)}; got {attn_impl!r}")
         self.config, self.attn_impl = config, attn_impl
-        self._resolved: dict[tuple[str, torch.dtype], str] = {}
+        self._resolved: dict[tuple[str, torch.dtype, bool], str] = {}
         # A ModuleDict, not a class, only so that the names are HF's `model.*`.
         self.model = nn.ModuleDict(dict(
             # padding_idx as transformers sets it: the pad row gets no gradient from the lookup.
@@ -142,17 +145,24 @@ class Llama(nn.Module):
         """input_ids (B, T) -> logits (B, T, vocab)."""
         return self.head(self.features(input_ids))
 
-    def features(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """The hidden states after the final norm, (B, T, hidden)."""
+    def features(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                 segment_ids: torch.Tensor | None = None,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The hidden states after the final norm, (B, T, hidden). Packed documents: with
+        segment_ids and positions (B, T) (`hammer.data.loader.documents`; no cache), each token
+        attends only to its own document, at RoPE positions that restart with it."""
         start = self._check_input(input_ids, cache)
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids mask packed documents in training; decoding with a KV cache takes none")
         x = self.model.embed_tokens(input_ids)
-        impl = self._resolve_attention(x)
-        positions = torch.arange(start, start + input_ids.shape[1], device=x.device)
+        impl = self._resolve_attention(x, document_mask=segment_ids is not None)
+        if positions is None:
+            positions = torch.arange(start, start + input_ids.shape[1], device=x.device)
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta)
         with attention.sdpa_context(impl, x.device):
             for i, block in enumerate(self.model.layers):
                 kv = None if cache is None else (cache.keys[i], cache.values[i])
-                x = block(x, cos, sin, impl, kv, start)
+                x = block(x, cos, sin, impl, kv, start, segment_ids)
         return self.model.norm(x)
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
@@ -184,12 +194,13 @@ class Llama(nn.Module):
                              f"cache's max_len {cache.max_len}")
         return cache.length
 
-    def _resolve_attention(self, x: torch.Tensor) -> str:
+    def _resolve_attention(self, x: torch.Tensor, document_mask: bool = False) -> str:
         dtype = (torch.get_autocast_dtype(x.device.type)
                  if torch.is_autocast_enabled(x.device.type) else x.dtype)
-        key = (x.device.type, dtype)
+        key = (x.device.type, dtype, document_mask)
         if key not in self._resolved:
-            self._resolved[key] = attention.resolve(self.attn_impl, x.device, dtype, self.config.head_dim)
+            self._resolved[key] = attention.resolve(self.attn_impl, x.device, dtype, self.config.head_dim,
+                                                    document_mask)
         return self._resolved[key]
 
 

@@ -27,7 +27,8 @@ import torch.distributed as dist
 
 from convert.hf import torch_step_dirs
 from hammer.config import ConfigError, ModelConfig
-from hammer.data.loader import Loader, LoaderState, eval_batches, mixture_from_specs, validation_sets
+from hammer.data.loader import (Loader, LoaderState, document_bos, eval_batches, mixture_from_specs,
+                                validation_sets)
 from hammer.metrics import TrainMeter, peak_flops
 from hammer.run import CHECKPOINTS_DIR, check_init, check_inputs, data_fingerprint, open_run, previous_config
 from hammer.train_config import TrainConfig
@@ -45,6 +46,7 @@ def train(config: TrainConfig) -> Path:
     if config.remat == "dots":
         raise ConfigError("remat = 'dots' is a JAX policy; the torch trainer takes none or full")
     model_config = config.model_config()
+    bos = document_bos(config.document_mask, model_config.bos_token_id)
     mixture = mixture_from_specs(config.data)
     validation = validation_sets(config.validation) if config.validation else {}
     tokenizer = check_inputs(config, model_config, mixture, validation)  # saved with every checkpoint
@@ -72,17 +74,19 @@ def train(config: TrainConfig) -> Path:
             open_run(config, model_config, data_fingerprint(mixture), trained_steps=trained)
         dist.barrier()
         return _train(config, model_config, model, step_fn, mixture, validation, tokenizer, run_dir,
-                      device, previous)
+                      device, previous, bos)
 
 
 def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, step_fn: train_step.TrainStep,
            mixture, validation, tokenizer, run_dir: Path, device: torch.device,
-           previous: TrainConfig | None) -> Path:
+           previous: TrainConfig | None, bos: int | None) -> Path:
     rank, world = dist.get_rank(), dist.get_world_size()
     checkpoints = run_dir / CHECKPOINTS_DIR
     checkpointer = train_checkpoint.Checkpointer(checkpoints, model_config, model, step_fn.optimizer,
                                                  keep=config.keep_checkpoints, tokenizer=tokenizer)
     resumed = checkpointer.restore()
+    if resumed and step_fn.spikes is not None:
+        step_fn.spikes.load(resumed.spikes)
     start = resumed.step if resumed else 0
     loader = Loader(mixture, config.batch_size, seed=config.seed, step=start,
                     process_index=rank, process_count=world)
@@ -94,7 +98,7 @@ def _train(config: TrainConfig, model_config: ModelConfig, model: Llama, step_fn
                                   config.peak_flops))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    trainer = TorchTrainer(config, step_fn, device, checkpointer)
+    trainer = TorchTrainer(config, step_fn, device, checkpointer, bos)
     with checkpointer:  # the last save finishes writing before train returns
         train_loop(config, trainer, loader, start=start, run_dir=run_dir, meter=meter,
                    validation=validation, previous=previous, tokenizer=tokenizer)
@@ -108,40 +112,45 @@ class TorchTrainer:
     compile_time = None  # torch.compile compiles in the first steps, inside their time
 
     def __init__(self, config: TrainConfig, step_fn: train_step.TrainStep, device: torch.device,
-                 checkpointer: train_checkpoint.Checkpointer):
-        self.config, self.step_fn, self.device = config, step_fn, device
+                 checkpointer: train_checkpoint.Checkpointer, bos: int | None):
+        self.config, self.step_fn, self.device, self.bos = config, step_fn, device, bos
         self.checkpointer = checkpointer
         self.primary, self.processes = dist.get_rank() == 0, dist.get_world_size()
         self.profiler = None
 
     def step(self, rows: np.ndarray, lr: float):
-        ids = torch.from_numpy(rows.astype(np.int64)).to(self.device)
+        batch = train_step.step_rows(rows, self.device, self.bos)
         if self.profiler is None:
-            return self.step_fn(ids, lr)
+            return self.step_fn(batch, lr)
         with torch.profiler.record_function("hammer.train_step"):
-            return self.step_fn(ids, lr)
+            return self.step_fn(batch, lr)
 
     def read(self, outputs: list) -> list[dict[str, float]]:
-        losses = torch.stack([loss for loss, _ in outputs])  # this rank's means, float64
-        dist.all_reduce(losses)
-        norms = torch.stack([norm for _, norm in outputs]).double()
-        table = torch.stack([losses / self.processes, norms]).tolist()
-        return [{"loss": loss, "grad_norm": norm} for loss, norm in zip(*table)]
+        # this rank's means (cross-entropy, z-loss) are averaged over the ranks; the rest agree
+        means = ["loss"] + [k for k in ("z_loss",) if k in outputs[0][2]]
+        alike = ["grad_norm"] + [k for k in ("skipped",) if k in outputs[0][2]]
+        reduced = torch.stack([torch.stack([loss, *(extra[k] for k in means[1:])])
+                               for loss, _, extra in outputs])
+        dist.all_reduce(reduced)
+        local = torch.stack([torch.stack([norm.double(), *(extra[k].double() for k in alike[1:])])
+                             for _, norm, extra in outputs])
+        table = torch.cat([reduced / self.processes, local], dim=1).tolist()
+        return [dict(zip(means + alike, row)) for row in table]
 
     def eval_batches(self, dataset):
         for rows in eval_batches(dataset, self.config.eval_batch_size, drop_remainder=True,
                                  process_index=dist.get_rank(), process_count=self.processes):
-            yield torch.from_numpy(rows.astype(np.int64)).to(self.device)
+            yield train_step.step_rows(rows, self.device, self.bos)
 
     @torch.no_grad()
     def eval_nll(self, batches) -> tuple[float, int]:
         loss_module = self.step_fn.loss_module
         loss_module.eval()
         total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        for ids in batches:
+        for ids, *documents in batches:
             if len(ids):
                 with self.step_fn.autocast:
-                    mean = loss_module(ids)
+                    mean, _ = loss_module(ids, *documents)
                 total += mean.double() * (ids.shape[0] * (ids.shape[1] - 1))
             count += 1
         loss_module.train()
@@ -149,7 +158,9 @@ class TorchTrainer:
         return total.item(), count
 
     def save(self, step: int, loader_state: dict) -> None:
-        self.checkpointer.save(train_checkpoint.TrainerState(step, loader_state))
+        spikes = self.step_fn.spikes
+        self.checkpointer.save(train_checkpoint.TrainerState(
+            step, loader_state, spikes.to_dict() if spikes is not None else None))
 
     def agree(self, flag: bool) -> bool:
         if self.processes == 1:

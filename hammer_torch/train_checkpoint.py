@@ -9,7 +9,7 @@ optimizer state of every rank, written in the background while training goes on.
                                   format: each rank writes the ZeRO-1 shard it holds (__<rank>_0.distcp)
                                   and reads back whichever parameters it holds then, so a run resumes
                                   on another number of ranks
-        trainer.json              step, loader state (seed, step)
+        trainer.json              step, loader state (seed, step), spike window (spike_skip)
 
 Nothing passes through one rank but the weights (a third of the state): no rank gathers AdamW's
 state. A save copies the state to host memory and returns; the files are written by background
@@ -61,6 +61,7 @@ class CheckpointError(HammerError):
 class TrainerState:
     step: int  # optimizer steps completed
     loader: dict[str, int]  # LoaderState.to_dict()
+    spikes: dict | None = None  # train_step.SpikeWindow.to_dict() of a run with spike_skip
 
 
 class Checkpointer:
@@ -135,7 +136,7 @@ class Checkpointer:
         shards = dcp.async_save({"optimizer": optimizer}, checkpoint_id=tmp / OPTIMIZER_DIR,
                                 process_group=self.group)
         if self.rank == 0:
-            trainer = {"step": state.step, "loader": state.loader}
+            trainer = {"step": state.step, "loader": state.loader, "spikes": state.spikes}
             weights = hf_tensors(self.model, snapshot=True)
             self.pending = self.writer.submit(self._complete, path, tmp, weights, trainer, shards)
         else:
@@ -226,5 +227,5 @@ def _read(path: Path, model_config: ModelConfig):
     if config != model_config:
         raise ValueError("its config.json describes another model than the run's")
     meta = json.loads((path / TRAINER_FILE).read_text())
-    state = TrainerState(int(meta["step"]), dict(meta["loader"]))
+    state = TrainerState(int(meta["step"]), dict(meta["loader"]), meta.get("spikes"))
     return state, {name: to_torch(x) for name, x in tensors.items()}

@@ -142,12 +142,12 @@ torch.manual_seed(0)
 model = Llama(ModelConfig.from_hf(MODEL))
 ddp = torch.nn.parallel.DistributedDataParallel(CausalLMLoss(model, chunk_size=16))
 ids = torch.randint(3, 259, (2, 2, 17))  # the same draws on both ranks; each takes its own rows
-ddp(ids[rank]).backward()
+ddp(ids[rank])[0].backward()
 grads = torch.cat([p.grad.flatten() for p in model.parameters()])
 alone = []
 for r in range(2):  # what each rank's rows alone give, computed without DDP
     model.zero_grad()
-    CausalLMLoss(model, 16)(ids[r]).backward()
+    CausalLMLoss(model, 16)(ids[r])[0].backward()
     alone.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
 mean = (alone[0] + alone[1]) / 2
 assert (grads - mean).norm() <= 1e-6 * mean.norm(), "DDP did not average the gradients"

@@ -1,6 +1,7 @@
 """The training config both trainers read, the run directory's resume check, and the metrics log."""
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -22,6 +23,26 @@ def test_hammerllm_recipe_is_the_recipe_it_trained_with():
     model = ModelConfig.from_hf((REPO_CONFIGS.parent / c.model))
     assert c.batch_size * model.max_position_embeddings == 2 * 2**20
     assert load_train_config(REPO_CONFIGS / "tiny.toml").steps > 0
+    # Nothing beyond the recipe is on unless asked for.
+    assert (c.schedule, c.z_loss, c.document_mask, c.spike_skip) == ("cosine_clamped", 0.0, False, False)
+
+
+def test_the_small_config_beyond_the_recipe_turns_every_such_key_on():
+    c = load_train_config(REPO_CONFIGS / "tiny-beyond.toml")
+    assert (c.schedule, c.decay_steps, c.decay_shape) == ("wsd", 50, "1-sqrt")
+    assert (c.z_loss, c.document_mask, c.spike_skip, c.spike_window) == (1e-4, True, True, 32)
+    assert c.model == load_train_config(REPO_CONFIGS / "tiny.toml").model
+
+
+@pytest.mark.parametrize("override, message", [
+    ("z_loss=-1e-4", "z_loss = -0.0001 is impossible; expected >= 0 (0: off)"),
+    ("spike_window=1", "spike_window = 1 is impossible; expected >= 2"),
+    ("spike_sigmas=0", "spike_sigmas = 0.0 is impossible; expected > 0"),
+    ("document_mask=1", "document_mask = 1 has the wrong type; expected true or false"),
+])
+def test_keys_beyond_the_recipe_refuse_impossible_values_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_train_config(None, [*BASE, override])
 
 
 def test_overrides_are_toml_values_or_bare_strings_and_reach_nested_tables():
@@ -150,6 +171,17 @@ def test_a_rerun_with_another_model_data_or_batch_layout_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="another model"):
         c = load_train_config(None, [*BASE, f"output={tmp_path / 'run'}"])
         open_run(c, ModelConfig.from_hf(REPO_CONFIGS / "tiny.json").replace(num_layers=3), {"tokenizer": "t"})
+
+
+def test_a_rerun_that_turns_a_key_beyond_the_recipe_on_is_refused_and_older_runs_resume(tmp_path):
+    run = _open(tmp_path)
+    with pytest.raises(ConfigError, match=r"another z_loss, spike_skip \(z_loss: 0.0 -> 0.0001; spike_skip: False -> True\)"):
+        _open(tmp_path, "z_loss=1e-4", "spike_skip=true")
+    record = json.loads((run / RUN_FILE).read_text())
+    for key in ("schedule", "z_loss", "document_mask", "spike_skip", "spike_window"):
+        del record["config"][key]  # a run made before these keys existed
+    (run / RUN_FILE).write_text(json.dumps(record))
+    _open(tmp_path)
 
 
 def test_a_directory_that_is_not_a_run_is_never_written_into(tmp_path):

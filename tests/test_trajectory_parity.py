@@ -123,3 +123,32 @@ def test_a_run_continues_on_the_other_backend_from_its_checkpoint(setup):
             expected = float(causal_lm_loss(twin, batch))
         assert abs(records[0]["loss"] - expected) <= 1e-4 * expected, (checkpoint, records[0]["loss"], expected)
     assert torch_records[0]["loss"] < jax_first[0]["loss"] - 0.1  # trained weights, not a fresh start
+
+
+BEYOND_RECIPE = dict(document_mask=True, z_loss=1e-4, schedule="wsd", decay_steps=4,
+                     decay_shape="1-sqrt", spike_skip=True, spike_window=4)
+
+
+@pytest.mark.slow
+def test_both_trainers_follow_one_trajectory_with_every_key_beyond_the_recipe(setup):
+    """document_mask, z_loss, the WSD schedule and spike skipping together, 10 float32 steps: the
+    losses, learning rates and final weights of the two trainers agree as the recipe's do; the
+    mask changes the run (the same run without it leaves the bound)."""
+    from hammer.data.loader import Loader, documents, mixture_from_specs
+
+    _, inputs, _, _ = setup
+    blocks = Loader(mixture_from_specs([str(inputs.data)]), 8, seed=3407).batch(0)
+    assert (documents(blocks, 1)[0].max(axis=1) > 1).sum() >= 2  # blocks where a document starts
+    jax_records, jax_weights = _train("jax", setup, "jax-beyond", **BEYOND_RECIPE)
+    torch_records, torch_weights = _train("torch", setup, "torch-beyond", **BEYOND_RECIPE)
+    assert len(jax_records) == len(torch_records) == 10
+    for j, t in zip(jax_records, torch_records):
+        assert abs(j["loss"] - t["loss"]) <= 1e-4 * abs(t["loss"]), (t["step"], j["loss"], t["loss"])
+        assert j["lr"] == pytest.approx(t["lr"], rel=1e-6)
+    assert [r["lr"] for r in torch_records][-4:] == pytest.approx(
+        [1e-2 * (0.1 + 0.9 * (1 - np.sqrt(p / 4))) for p in range(4)])  # the decay, 1-sqrt
+    worst = {name: relative(jax_weights[name], torch_weights[name]) for name in torch_weights}
+    assert max(worst.values()) <= 1e-4, worst
+    unmasked, _ = _train("torch", setup, "torch-beyond-unmasked", **{**BEYOND_RECIPE, "document_mask": False})
+    gaps = [abs(u["loss"] - t["loss"]) / t["loss"] for u, t in zip(unmasked, torch_records)]
+    assert max(gaps) > 1e-3, gaps

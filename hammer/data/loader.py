@@ -167,6 +167,28 @@ class Loader:
         return out
 
 
+def documents(blocks: np.ndarray, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(segment ids, positions) of packed `blocks` [..., block_size], both int32 of that shape:
+    each [BOS] starts a document, whose tokens share a segment id and count positions from 0 at
+    it; the tokens before a block's first [BOS] (the end of a document cut by packing) are one
+    more, from position 0. What document-masked attention and its RoPE positions read."""
+    starts = blocks == bos_id
+    starts[..., 0] = True
+    segments = np.cumsum(starts, axis=-1, dtype=np.int32)
+    index = np.broadcast_to(np.arange(blocks.shape[-1], dtype=np.int32), blocks.shape)
+    first = np.maximum.accumulate(np.where(starts, index, 0), axis=-1)
+    return segments, (index - first).astype(np.int32)
+
+
+def document_bos(document_mask: bool, bos_token_id: int | None) -> int | None:
+    """The id that starts a document when a run masks documents (None when it does not); a model
+    without a bos_token_id cannot."""
+    if document_mask and bos_token_id is None:
+        raise DataError("document_mask = true needs the model's bos_token_id (config.json), which "
+                        "starts each packed document; it is not set")
+    return bos_token_id if document_mask else None
+
+
 def mixture_from_specs(specs: Sequence[str], tokenizer=None) -> Mixture:
     """A mixture from "DIR" or "DIR:WEIGHT" strings (a weight for every dataset or for none)."""
     paths, weights = [], []
