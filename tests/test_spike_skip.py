@@ -46,7 +46,8 @@ def _jax_run(batches, spike_at=None):
     """Params, opt state and metrics after a JAX step on each batch (the one at `spike_at` with the
     scaled loss), with the params and state just before and after that step."""
     from hammer_jax.model import Llama
-    from hammer_jax.optimizer import learning_rate_schedule, make_optimizer
+    from hammer.schedule import from_config
+    from hammer_jax.optimizer import make_optimizer
     from hammer_jax.sharding import MESH_AXES
     from hammer_jax.train_step import batch_sharding, fresh_state, make_train_step
 
@@ -54,15 +55,14 @@ def _jax_run(batches, spike_at=None):
     tx = make_optimizer(CONFIG)
     graphdef, shardings, state = fresh_state(
         lambda: Llama(ModelConfig.from_hf(MODEL), rngs=nnx.Rngs(0)), tx, mesh)
-    steps = {z: make_train_step(graphdef, tx, learning_rate_schedule(CONFIG), shardings, mesh,
-                                grad_accum=1, loss_chunk=16, z_loss=z)
+    steps = {z: make_train_step(graphdef, tx, shardings, mesh, grad_accum=1, loss_chunk=16, z_loss=z)
              for z in ((0.0, SPIKE_Z_LOSS) if spike_at is not None else (0.0,))}
     records, around = [], []
     for i, batch in enumerate(batches):
         if i == spike_at:
             around.append(jax.device_get((state.params, state.opt_state.inner)))
         state, metrics = steps[SPIKE_Z_LOSS if i == spike_at else 0.0](
-            state, jax.device_put(batch, batch_sharding(mesh)))
+            state, jax.device_put(batch, batch_sharding(mesh)), from_config(CONFIG)(i))
         records.append({k: float(v) for k, v in jax.device_get(metrics).items()})
         if i == spike_at:
             around.append(jax.device_get((state.params, state.opt_state.inner)))
@@ -127,6 +127,7 @@ def test_jax_the_window_is_checkpointed_with_the_state(tmp_path, jax_runs):
 
 
 def _torch_run(batches, spike_at=None):
+    from hammer.schedule import from_config
     from hammer_torch import train_step
     from hammer_torch.model import Llama
 
@@ -141,7 +142,7 @@ def _torch_run(batches, spike_at=None):
             step_fn.loss_module.z_loss = SPIKE_Z_LOSS if i == spike_at else 0.0
             if i == spike_at:
                 around.append(snapshot())
-            loss, _, _, metrics = step_fn(train_step.step_rows(batch, device, None))
+            loss, _, metrics = step_fn(train_step.step_rows(batch, device, None), from_config(CONFIG)(i))
             records.append({"loss": float(loss), **{k: float(v) for k, v in metrics.items()}})
             if i == spike_at:
                 around.append(snapshot())
@@ -171,13 +172,16 @@ def test_torch_the_window_goes_through_the_trainer_state(tmp_path):
         torch.manual_seed(0)
         step_fn = train_step.build(CONFIG, Llama(ModelConfig.from_hf(MODEL)), device)
         for batch in BATCHES[:2]:
-            step_fn(train_step.step_rows(batch, device, None))
+            step_fn(train_step.step_rows(batch, device, None), CONFIG.lr)
         saved = step_fn.spikes.to_dict()
-        train_checkpoint.save(tmp_path, train_checkpoint.TrainerState(2, {"seed": 0, "step": 2}, saved),
-                              step_fn.model, step_fn.optimizer, step_fn.scheduler, keep=1)
-        fresh = train_step.build(CONFIG, Llama(ModelConfig.from_hf(MODEL)), device)
-        resumed = train_checkpoint.restore(tmp_path, ModelConfig.from_hf(MODEL), fresh.model,
-                                           fresh.optimizer, fresh.scheduler)
+        model_config = ModelConfig.from_hf(MODEL)
+        with train_checkpoint.Checkpointer(tmp_path, model_config, step_fn.model, step_fn.optimizer,
+                                           keep=1) as checkpointer:
+            checkpointer.save(train_checkpoint.TrainerState(2, {"seed": 0, "step": 2}, saved))
+        fresh = train_step.build(CONFIG, Llama(model_config), device)
+        with train_checkpoint.Checkpointer(tmp_path, model_config, fresh.model, fresh.optimizer,
+                                           keep=1) as checkpointer:
+            resumed = checkpointer.restore()
         fresh.spikes.load(resumed.spikes)
         assert fresh.spikes.to_dict() == saved and saved["filled"] == 2 and min(saved["losses"][:2]) > 5
         assert torch.equal(fresh.spikes.losses, step_fn.spikes.losses)
