@@ -92,7 +92,7 @@ def bare_torch(config) -> float:
         for k in range(config.steps):
             if k == WARMUP:
                 began = time.perf_counter()
-            loss, _ = step(rows, config.lr)
+            loss, _, _ = step(rows, config.lr)
         loss.item()
         return (time.perf_counter() - began) / (config.steps - WARMUP)
 
