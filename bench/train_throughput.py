@@ -33,15 +33,19 @@ def batches(args, vocab: int):
             for _ in range(args.warmup + args.steps)]
 
 
-def timed(step, data, warmup: int) -> tuple[float, float]:
-    """(compile + first steps seconds, seconds per step) of `step(batch)`, which must block."""
+def timed(step, data, warmup: int, wait) -> tuple[float, float]:
+    """(compile + first steps seconds, seconds per step) of `step(batch)`, whose result `wait`
+    reads back: once after the warmup steps and once after the timed ones, never between, so the
+    device runs ahead of the host as it does in the trainers (and in HF Trainer between logs)."""
     began = time.perf_counter()
     for batch in data[:warmup]:
-        step(batch)
+        out = step(batch)
+    wait(out)
     compile_s = time.perf_counter() - began
     began = time.perf_counter()
     for batch in data[warmup:]:
-        step(batch)
+        out = step(batch)
+    wait(out)
     return compile_s, (time.perf_counter() - began) / (len(data) - warmup)
 
 
@@ -69,9 +73,9 @@ def jax_trainer(args, config: ModelConfig) -> dict:
 
     def step(batch):
         state[0], metrics = step_fn(state[0], jax.device_put(batch, batch_sharding(mesh)), train.lr)
-        float(metrics["loss"])
+        return metrics["loss"]
 
-    compile_s, step_s = timed(step, batches(args, config.vocab_size), args.warmup)
+    compile_s, step_s = timed(step, batches(args, config.vocab_size), args.warmup, float)
     stats = jax.devices()[0].memory_stats() or {}
     return row("jax trainer", args, config, jax.devices()[0].device_kind, compile_s, step_s,
                stats.get("peak_bytes_in_use"))
@@ -97,11 +101,11 @@ def transformers_reference(args, config: ModelConfig) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss.item()
+        return loss
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    compile_s, step_s = timed(step, batches(args, config.vocab_size), args.warmup)
+    compile_s, step_s = timed(step, batches(args, config.vocab_size), args.warmup, float)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     kind = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     return row("transformers (sdpa, autocast, fused adamw, compile)", args, config, kind,
@@ -127,11 +131,11 @@ def torch_trainer(args, config: ModelConfig) -> dict:
 
         def step(batch):
             loss, _, _ = step_fn(torch.from_numpy(batch.astype(np.int64)).to(device), train.lr)
-            loss.item()
+            return loss
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        compile_s, step_s = timed(step, batches(args, config.vocab_size), args.warmup)
+        compile_s, step_s = timed(step, batches(args, config.vocab_size), args.warmup, float)
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
         kind = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     return row("torch trainer (ddp+zero1, autocast, compiled blocks)", args, config, kind,
