@@ -17,7 +17,6 @@ from tests.train_fixtures import (run_train, start_train, train_losses, train_se
                                   write_train_config)
 
 STEPS = 12
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +37,7 @@ def uninterrupted(inputs, tmp_path_factory):
     return config, root / "run", result
 
 
+@pytest.mark.slow
 def test_loss_falls_and_every_record_is_written(uninterrupted):
     _, run, result = uninterrupted
     losses = train_losses(run)
@@ -58,6 +58,7 @@ def test_loss_falls_and_every_record_is_written(uninterrupted):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["12", "4", "8"]
 
 
+@pytest.mark.slow
 def test_profile_steps_leave_a_trace_that_names_the_step_function(uninterrupted):
     _, run, _ = uninterrupted
     traces = list((run / "profile").rglob("*.xplane.pb"))
@@ -66,6 +67,7 @@ def test_profile_steps_leave_a_trace_that_names_the_step_function(uninterrupted)
     assert "jit_step" in gzip.decompress(perfetto[0].read_bytes()).decode()
 
 
+@pytest.mark.slow
 def test_a_run_that_differs_only_in_lr_and_steps_compiles_nothing_new(inputs, tmp_path):
     cache = tmp_path / "xla"
     config = write_train_config(tmp_path / "c.toml", inputs, tmp_path / "a", steps=2,
@@ -78,6 +80,7 @@ def test_a_run_that_differs_only_in_lr_and_steps_compiles_nothing_new(inputs, tm
     assert sorted(p.name for p in cache.iterdir()) == entries
 
 
+@pytest.mark.slow
 def test_a_checkpoint_is_a_model_convert_and_jax_read(uninterrupted, tmp_path):
     import convert
     import hammer_jax
@@ -93,6 +96,7 @@ def test_a_checkpoint_is_a_model_convert_and_jax_read(uninterrupted, tmp_path):
     np.testing.assert_array_equal(exported["lm_head.weight"], tensors["lm_head.weight"])
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_losses_bitwise(uninterrupted, tmp_path):
     config, run, _ = uninterrupted
     killed = tmp_path / "run"
@@ -112,6 +116,7 @@ def test_a_killed_run_resumes_to_the_same_losses_bitwise(uninterrupted, tmp_path
     assert {s: resumed[s] for s in range(5, STEPS + 1)} == {s: expected[s] for s in range(5, STEPS + 1)}
 
 
+@pytest.mark.slow
 def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(uninterrupted, tmp_path):
     config, run, _ = uninterrupted
     copy = tmp_path / "run"
@@ -127,6 +132,7 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(uninterrup
     assert (copy / "checkpoints-unreadable" / "12").is_dir()  # set aside, not deleted
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_other_shapes_is_refused_naming_the_tensor_and_nothing_is_moved(
         uninterrupted, tmp_path):
     import orbax.checkpoint as ocp
@@ -153,6 +159,7 @@ def test_a_checkpoint_of_other_shapes_is_refused_naming_the_tensor_and_nothing_i
     assert not (copy / "checkpoints-unreadable").exists() and params_dir.is_dir()
 
 
+@pytest.mark.slow
 def test_scanned_layers_train_and_resume_and_the_other_layout_is_refused(inputs, tmp_path):
     config = write_train_config(tmp_path / "c.toml", inputs, tmp_path / "run", steps=4,
                                 checkpoint_every=2, scan_layers=True, mesh={"fsdp": 2})
@@ -175,6 +182,7 @@ def test_scanned_layers_train_and_resume_and_the_other_layout_is_refused(inputs,
     assert not (copy / "checkpoints-unreadable").exists() and (copy / "run.json").read_text() == before
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_0(inputs, tmp_path):
     run = tmp_path / "run"
     config = write_train_config(tmp_path / "c.toml", inputs, run, steps=100_000,
@@ -191,6 +199,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(inputs, tmp_path):
     assert len(saved) == 1 and saved[0] >= 1 and saved[0] == max(train_losses(run))
 
 
+@pytest.mark.slow
 def test_a_changed_run_is_refused_naming_the_key(uninterrupted):
     config, run, _ = uninterrupted
     before = (run / "metrics.jsonl").read_text()

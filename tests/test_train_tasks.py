@@ -15,7 +15,6 @@ from tests.test_lmeval import write_tasks  # noqa: E402
 from tests.tokenizer_fixtures import write_tiny_tokenizer  # noqa: E402
 from tests.train_fixtures import train_settings, write_model_config  # noqa: E402
 
-pytestmark = pytest.mark.slow
 TASKS = ["t_mc", "t_rolling"]
 
 
@@ -48,6 +47,7 @@ def losses(run):
     return [r["loss"] for r in read_metrics(run) if r["kind"] == "train"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_tasks_run_on_the_live_weights_and_change_no_loss(inputs, tmp_path, monkeypatch, backend):
     if backend == "jax":
