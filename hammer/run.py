@@ -102,7 +102,8 @@ def open_run(config: TrainConfig, model: ModelConfig, data: dict[str, Any], *, w
     if file.is_file():
         old = json.loads(file.read_text())
         # read as a config: a key the record lacks was made before the key existed, at its default
-        before = previous_config(run).to_dict()
+        previous = from_dict(old["config"])
+        before = previous.to_dict()
         differ = [k for k in FROZEN_KEYS if before[k] != record["config"][k]]
         differ += [k for k in ("model", "data") if old.get(k) != record[k]]
         if differ:
@@ -111,7 +112,7 @@ def open_run(config: TrainConfig, model: ModelConfig, data: dict[str, Any], *, w
             raise ConfigError(
                 f"{run} holds a run with another {', '.join(differ)}" + (f" ({detail})" if detail else "")
                 + "; rerun with the run's own settings, or choose a new output directory")
-        _check_resume(run, previous_config(run), config, trained_steps)
+        _check_resume(run, previous, config, trained_steps)
     elif run.exists() and any(run.iterdir()):
         raise ConfigError(f"output {run} exists and is not a hammer run directory (no {RUN_FILE}); "
                           f"choose a new output directory")

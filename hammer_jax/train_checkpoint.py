@@ -117,26 +117,15 @@ class TrainCheckpoints:
 
 
 def _check_shapes(path: Path, params: Any) -> None:
-    """A readable checkpoint whose params differ in shape or layer layout (scan_layers) from the
-    model's was written by another model, run or hammer, not damaged: refused as it is, not set
-    aside as unreadable."""
+    """A readable checkpoint whose params differ in shape from the model's was written by another
+    model or another hammer, not damaged: refused as it is, not set aside as unreadable. (Another
+    layer layout, scan_layers, is refused earlier: it is one of the run's frozen keys.)"""
     saved = saved_shapes(path / "params")
     if saved is None:
         return
-    names = {".".join(map(str, name)): leaf for name, leaf in _flatten(params)}
-    saved_scanned, scanned = _scanned(saved), _scanned(names)
-    if saved_scanned != scanned:  # orbax would take the other tree for damage
-        raise CheckpointError(f"checkpoint {path} holds the decoder layers "
-                              f"{'stacked' if saved_scanned else 'one by one'} and this run has "
-                              f"scan_layers = {str(scanned).lower()}; rerun with scan_layers = "
-                              f"{str(saved_scanned).lower()}, the layout its checkpoints hold")
-    for name, leaf in names.items():
+    for name, leaf in _flatten(params):
+        name = ".".join(map(str, name))
         if name in saved and saved[name] != tuple(leaf.shape):
             raise CheckpointError(f"checkpoint {path} holds {name} of shape {saved[name]} where "
                                   f"this model has {tuple(leaf.shape)}"
                                   f"{layout_hint(saved[name], leaf.shape)}")
-
-
-def _scanned(names) -> bool:
-    """Whether dotted param names are those of stacked layers (layers.mlp...), not layers.<i>...."""
-    return not any(name.split(".")[1].isdigit() for name in names if name.startswith("layers."))

@@ -147,11 +147,10 @@ class TorchTrainer:
         loss_module = self.step_fn.loss_module
         loss_module.eval()
         total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        for ids, *documents in batches:
-            if len(ids):
-                with self.step_fn.autocast:
-                    mean, _ = loss_module(ids, *documents)
-                total += mean.double() * (ids.shape[0] * (ids.shape[1] - 1))
+        for ids, *documents in batches:  # full batches, an equal share on every rank
+            with self.step_fn.autocast:
+                mean, _ = loss_module(ids, *documents)
+            total += mean.double() * (ids.shape[0] * (ids.shape[1] - 1))
             count += 1
         loss_module.train()
         dist.all_reduce(total)

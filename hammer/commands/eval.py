@@ -127,8 +127,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 6:
         raise EvalError(f"--max-tokens must be >= 6, got {args.max_tokens}")
     domains = {name: read_documents(file) for name, file in domain_files.items()}
-    tokenizer = Tokenizer.from_pretrained(args.tokenizer or model_dir(args.model))
-    tokenizer.check_fits(ModelConfig.from_hf(model_dir(args.model)).vocab_size, str(args.model))
+    files = model_dir(args.model)  # config.json and the tokenizer (a run's own, for a checkpoint)
+    tokenizer_dir = args.tokenizer or files
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.check_fits(ModelConfig.from_hf(files).vocab_size, str(args.model))
     reference = Tokenizer.from_pretrained(args.reference_tokenizer) if args.reference_tokenizer else None
     scorer = load_scorer(args.backend, args.model, args.dtype)
     result = harness.evaluate(scorer, tokenizer, domains, max_tokens=args.max_tokens,
@@ -139,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{min(args.max_tokens, scorer.max_length)} tokens", file=sys.stderr)
     if args.json:
         print(json.dumps({"model": str(args.model), "backend": args.backend, "dtype": args.dtype,
-                          "tokenizer": str(args.tokenizer or model_dir(args.model)),
+                          "tokenizer": str(tokenizer_dir),
                           "reference_tokenizer": str(args.reference_tokenizer) if reference else None,
                           "data": {name: str(file) for name, file in domain_files.items()},
                           **result.to_json()}, indent=2))
