@@ -195,10 +195,16 @@ class JaxTrainer:
         yield JaxScorer(live), lambda n: JaxStepper(live, n)
 
     def start_profile(self, directory: Path) -> None:
+        # JAX's start_trace and stop_trace crash the process (SIGSEGV in a native thread) while
+        # orbax's save thread runs beside them, as a CI run did when profiled step 5 began during
+        # step 4's save; waiting for the save first crashed none (bench/profile_during_save.py;
+        # cf. jax#40260). The trace is of training steps, not of a checkpoint.
+        self.checkpoints.wait()  # joins this process's save thread; not a collective
         jax.profiler.start_trace(str(directory), create_perfetto_trace=True)
 
     def stop_profile(self) -> None:
         jax.block_until_ready(self.state)  # the traced steps' device work, not only their dispatch
+        self.checkpoints.wait()
         jax.profiler.stop_trace()
 
 

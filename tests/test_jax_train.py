@@ -6,15 +6,13 @@ import json
 import re
 import shutil
 import signal
-import subprocess
-import time
 
 import numpy as np
 import pytest
 
 from hammer.cli import main
 from tests.train_fixtures import (run_train, start_train, train_losses, train_settings,
-                                  write_train_config)
+                                  wait_until, write_train_config)
 
 STEPS = 12
 
@@ -100,11 +98,9 @@ def test_a_checkpoint_is_a_model_convert_and_jax_read(uninterrupted, tmp_path):
 def test_a_killed_run_resumes_to_the_same_losses_bitwise(uninterrupted, tmp_path):
     config, run, _ = uninterrupted
     killed = tmp_path / "run"
-    proc = start_train(config, f"output={killed}", devices=8, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "4" / "commit_success.txt").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.05)
+    log = tmp_path / "killed.stderr"
+    proc = start_train(config, f"output={killed}", log=log, devices=8)
+    wait_until(proc, lambda: (killed / "checkpoints" / "4" / "commit_success.txt").exists(), log)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     result = run_train(config, f"output={killed}", devices=8)
@@ -187,14 +183,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(inputs, tmp_path):
     run = tmp_path / "run"
     config = write_train_config(tmp_path / "c.toml", inputs, run, steps=100_000,
                                 checkpoint_every=100_000)
-    proc = start_train(config, devices=1)
-    deadline = time.time() + 300
-    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
+    log = tmp_path / "run.stderr"
+    proc = start_train(config, log=log)
+    wait_until(proc, lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text(),
+               log)
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     saved = [int(p.name) for p in (run / "checkpoints").iterdir()]
     assert len(saved) == 1 and saved[0] >= 1 and saved[0] == max(train_losses(run))
 
@@ -245,3 +239,24 @@ def test_grad_accum_auto_takes_the_fewest_micro_batches_that_fit_and_records_the
         train(from_dict({**settings, "output": str(tmp_path / "small"), "memory_limit_gb": 1 / 1024,
                          "batch_size": 2, "eval_batch_size": 2}))
     assert not (tmp_path / "small").exists()
+
+
+def test_the_profiler_starts_and_stops_only_after_the_pending_checkpoint_save(monkeypatch,
+                                                                               tmp_path):
+    """JAX's profiler crashed the process beside orbax's save thread (bench/profile_during_save.py)."""
+    import jax
+    from hammer_jax.train import JaxTrainer
+
+    events = []
+
+    class Saves:
+        def wait(self):
+            events.append("save finished")
+
+    monkeypatch.setattr(jax.profiler, "start_trace", lambda *a, **k: events.append("start"))
+    monkeypatch.setattr(jax.profiler, "stop_trace", lambda: events.append("stop"))
+    trainer = object.__new__(JaxTrainer)  # the two methods need only the checkpoints and the state
+    trainer.checkpoints, trainer.state = Saves(), jax.numpy.zeros(())
+    trainer.start_profile(tmp_path)
+    trainer.stop_profile()
+    assert events == ["save finished", "start", "save finished", "stop"]

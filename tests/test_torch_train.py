@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ torch = pytest.importorskip("torch")
 from hammer.config import ConfigError  # noqa: E402
 from hammer.metrics import read_metrics  # noqa: E402
 from hammer.train_config import from_dict  # noqa: E402
-from tests.train_fixtures import (REPO, run_train, start_train, train_env,  # noqa: E402
+from tests.train_fixtures import (REPO, run_train, start_train, train_env, wait_until,  # noqa: E402
                                   train_losses, train_settings, write_model_config,
                                   write_train_config)
 
@@ -288,15 +287,17 @@ def test_sigterm_saves_and_a_run_killed_after_a_checkpoint_resumes_to_the_uninte
     run = tmp_path / "run"
     checkpoints = run / "checkpoints"
 
-    proc = start_train(config, f"output={run}", stderr=subprocess.DEVNULL)
-    _wait_for(proc, lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text())
+    log = tmp_path / "run.stderr"
+    proc = start_train(config, f"output={run}", log=log)
+    wait_until(proc, lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text(),
+               log)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 0
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     stopped = max(train_losses(run))
     assert stopped <= 3 and (checkpoints / f"step_{stopped}").is_dir()
 
-    proc = start_train(config, f"output={run}", stderr=subprocess.DEVNULL)
-    _wait_for(proc, lambda: any(int(p.name[5:]) > stopped for p in checkpoints.glob("step_*")))
+    proc = start_train(config, f"output={run}", log=log)
+    wait_until(proc, lambda: any(int(p.name[5:]) > stopped for p in checkpoints.glob("step_*")), log)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     result = run_train(config, f"output={run}")
@@ -305,14 +306,6 @@ def test_sigterm_saves_and_a_run_killed_after_a_checkpoint_resumes_to_the_uninte
     assert train_losses(run) == train_losses(reference)
     kept = sorted({stopped, 2, 4, 6})[-3:]  # keep_checkpoints = 3 of the steps saved
     assert sorted(p.name for p in checkpoints.iterdir()) == [f"step_{s}" for s in kept]  # no temporaries
-
-
-def _wait_for(proc, condition, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert proc.poll() is None, "the run ended before the awaited moment"
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_with_a_warning(

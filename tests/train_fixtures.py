@@ -4,7 +4,8 @@ validation set, a TOML training config, and helpers that run `hammer train` in a
     inputs = tiny_inputs(directory)                  # TinyInputs(model, data, validation)
     config = write_train_config(tmp_path / "c.toml", inputs, tmp_path / "run", steps=4)
     result = run_train(config, "steps=6", devices=8)  # CompletedProcess, output captured
-    proc = start_train(config, devices=1)            # Popen, for kill/SIGTERM tests
+    proc = start_train(config, log=tmp_path / "err")   # Popen, for kill/SIGTERM tests
+    wait_until(proc, lambda: (tmp_path / "run" / "checkpoints").is_dir(), tmp_path / "err")
 
 The model is small enough to train a step in milliseconds on a CPU (hidden 64, 2 layers, vocab 259 of
 the byte tokenizer, blocks of 32 tokens); its dims are all distinct, and the vocabulary is odd (the JAX
@@ -17,6 +18,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -158,11 +160,22 @@ def run_train(config: Path, *overrides: str, devices: int = 1, timeout: float = 
                           capture_output=True, text=True, timeout=timeout)
 
 
-def start_train(config: Path, *overrides: str, devices: int = 1, stderr=subprocess.PIPE
-                ) -> subprocess.Popen:
-    """The same, started and left running (for tests that kill or signal it)."""
-    return subprocess.Popen(train_command(config, *overrides), env=train_env(devices), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+def start_train(config: Path, *overrides: str, log: Path, devices: int = 1) -> subprocess.Popen:
+    """The same, started and left running (for tests that kill or signal it); its stderr goes to
+    `log`, which `wait_until` shows when the run ends too early."""
+    with log.open("w") as stderr:
+        return subprocess.Popen(train_command(config, *overrides), env=train_env(devices), cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def wait_until(proc: subprocess.Popen, condition, log: Path, timeout: float = 300) -> None:
+    """Polls `condition` while the started run lives; fails with the run's stderr if it ends first."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, (f"the run ended (exit {proc.returncode}) before the awaited "
+                                     f"moment:\n{log.read_text()[-3000:]}")
+        assert time.time() < deadline, f"timed out:\n{log.read_text()[-3000:]}"
+        time.sleep(0.02)
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
